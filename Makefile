@@ -1,0 +1,30 @@
+# medidiff: `make demo` sets up a virtual environment and runs the main job on the bundled sample;
+# `make test` runs the test suite. Both work on a fresh machine with Python 3.10+.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAMPLE := datasets/samples/chest-dx-sample
+DEMO_OUT := medidiff-out/demo
+
+.PHONY: setup demo test lint
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/medidiff run bone-suppression $(SAMPLE) -o $(DEMO_OUT)
+	@echo "open $(DEMO_OUT) for the derived DICOM series and the before/after panel"
+
+# dciodvfy (Debian package dicom3tools) validates the DICOM we write; installed when missing.
+test: setup
+	@command -v dciodvfy >/dev/null || { apt-get update -qq && apt-get install -y -qq dicom3tools; } >/dev/null
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check medidiff tests benchmarks
