@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
 
 from tests.studies import ct_series_copies
 
@@ -120,11 +121,12 @@ def test_wrong_modality_is_skipped_with_a_reason(tmp_path):
 
 def test_unreadable_transfer_syntax_is_refused(tmp_path):
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.110"  # JPEG XL Lossless: no decoder installed
+    ds.PixelData = encapsulate([bytes(64)])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2 video: no decoder exists
     (tmp_path / "in").mkdir()
-    ds.save_as(tmp_path / "in" / "jxl.dcm", enforce_file_format=False)
+    ds.save_as(tmp_path / "in" / "video.dcm", enforce_file_format=False)
     result = medidiff("run", "normalize-preview", tmp_path / "in", "-o", tmp_path / "out", "--no-progress")
-    assert_user_error(result, 1, "jxl.dcm")
+    assert_user_error(result, 1, "video.dcm", "MPEG2")
     assert "transfer syntax" in (tmp_path / "out" / "report.txt").read_text().lower()
 
 

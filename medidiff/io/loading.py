@@ -1,0 +1,201 @@
+"""Load discovered series as MONAI MetaTensors: float32, modality units, MONOCHROME2, (1, cols, rows[, slices])."""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from monai.data import MetaTensor, PydicomReader
+from monai.transforms import LoadImage
+from pydicom.pixels import apply_modality_lut
+
+from medidiff.errors import InputError
+from medidiff.io.discovery import Refusal, SeriesRef, discover, extract_zip
+
+_LOADER = LoadImage(reader=PydicomReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def load_series(series: SeriesRef) -> MetaTensor:
+    """Load ``series`` as a float32 MetaTensor ``(1, cols, rows[, slices])`` with a RAS ``affine``.
+
+    Single-frame files are decoded by MONAI's ``LoadImage(PydicomReader)``, which already applies
+    RescaleSlope/Intercept. Multi-frame files, Modality LUT sequences and files MONAI's reader fails on
+    fall back to pydicom's ``pixel_array`` + ``apply_modality_lut`` (MONAI's reader would put the frame
+    axis in the wrong place). The affine is always built here from the DICOM geometry (MONAI's reader
+    ignores PixelSpacing when ImageOrientationPatient is absent, as in CR/DX). MONOCHROME1 images are
+    inverted over their representable range; ``meta["medidiff_inverted"]`` and ``meta["medidiff_range"]``
+    let the writer restore them.
+    """
+    headers = [_header(f) for f in series.files]
+    volume = np.concatenate([_pixels(f, ds) for f, ds in zip(series.files, headers, strict=True)], axis=-1)
+    first = headers[0]
+    if not np.isfinite(volume).all():
+        raise InputError(f"{series.files[0]}: pixel data holds NaN or infinite values")
+    meta: dict = {"filename_or_obj": str(series.files[0]), "medidiff_inverted": False}
+    if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        lo, hi = _value_range(first)
+        volume = (lo + hi) - volume
+        meta.update(medidiff_inverted=True, medidiff_range=(lo, hi))
+    if volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    affine = dicom_affine(headers, volume.shape[-1] if volume.ndim == 3 else 1)
+    spatial = volume.shape
+    meta.update(
+        affine=torch.as_tensor(affine, dtype=torch.float64),
+        original_affine=affine.copy(),
+        spacing=np.linalg.norm(affine[:3, : len(spatial)], axis=0),
+        spatial_shape=np.asarray(spatial),
+        space="RAS",
+        original_channel_dim="no_channel",
+        modality=series.modality,
+    )
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(volume[None], dtype=np.float32)), meta=meta)
+
+
+def load_item(series: SeriesRef) -> dict:
+    """A pipeline item: ``{"image": t, "original": t.clone(), "source": series}``."""
+    image = load_series(series)
+    return {"image": image, "original": image.clone(), "source": series}
+
+
+class Study:
+    """A notebook-friendly view of a source: ``study[i]`` loads series ``i``; the repr has no PHI."""
+
+    def __init__(self, series: list[SeriesRef], refused: list[Refusal], root: Path):
+        self.series, self.refused, self.root = series, refused, root
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    def __getitem__(self, index: int) -> MetaTensor:
+        return load_series(self.series[index])
+
+    def item(self, index: int) -> dict:
+        """The pipeline item for series ``index``."""
+        return load_item(self.series[index])
+
+    def __repr__(self) -> str:
+        rows = [("#", "series", "modality", "body part", "size", "frames", "description")]
+        rows += [(str(i), s.key, s.modality or "?", s.body_part or "-", f"{s.rows}x{s.columns}", str(s.frames),
+                  s.series_description or "-") for i, s in enumerate(self.series)]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.append(f"{len(self.series)} series; {len(self.refused)} file(s) refused")
+        return "\n".join(lines)
+
+    def show(self, index: int = 0, ax=None):
+        """Draw the middle slice of series ``index`` (rows down, columns across) with matplotlib."""
+        import matplotlib.pyplot as plt
+
+        image = self[index][0]
+        plane = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+        if ax is None:
+            _, ax = plt.subplots()
+        lo, hi = np.percentile(plane.numpy(), [0.5, 99.5])
+        ax.imshow(plane.numpy().T, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(f"{self.series[index].modality} {self.series[index].key}")
+        ax.axis("off")
+        return ax
+
+
+def load_study(path: str | Path) -> Study:
+    """Discover ``path`` (folder, file, DICOMDIR or .zip) and return a lazily loading ``Study``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    root = extract_zip(path) if path.is_file() and zipfile.is_zipfile(path) else path
+    inventory = discover(root)
+    return Study(inventory.series, inventory.refused, path)
+
+
+def _header(file: Path) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(file, stop_before_pixels=True, force=True)
+
+
+def _pixels(file: Path, ds: pydicom.Dataset) -> np.ndarray:
+    """Pixel values of one file in modality units, shaped ``(cols, rows, frames)``."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        if frames == 1 and "ModalityLUTSequence" not in ds:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    return np.asarray(_LOADER(str(file)))[0][..., None]
+                except Exception:
+                    pass  # fall back to pydicom below
+        full = pydicom.dcmread(file, force=True)
+        array = apply_modality_lut(full.pixel_array, full).astype(np.float32)
+    except Exception as exc:
+        raise InputError(f"{file}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    array = array.reshape(frames, int(ds.Rows), int(ds.Columns))
+    return np.transpose(array, (2, 1, 0))
+
+
+def _value_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The representable range of stored values, in modality units."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)):
+        stored = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    else:
+        stored = (0, 2**bits - 1)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    values = sorted(v * slope + intercept for v in stored)
+    return float(values[0]), float(values[1])
+
+
+def _geometry(ds: pydicom.Dataset, frame: int = 0):
+    """ImageOrientationPatient, ImagePositionPatient and PixelSpacing, also from enhanced functional groups."""
+    groups = [ds]
+    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        seq = ds.get(name)
+        if seq:
+            groups.append(seq[min(frame, len(seq) - 1)] if name.startswith("Per") else seq[0])
+
+    def find(keyword, container):
+        for group in groups:
+            if keyword in group:
+                return group[keyword].value
+            inner = group.get(container)
+            if inner and keyword in inner[0]:
+                return inner[0][keyword].value
+        return None
+
+    iop = find("ImageOrientationPatient", "PlaneOrientationSequence")
+    ipp = find("ImagePositionPatient", "PlanePositionSequence")
+    spacing = find("PixelSpacing", "PixelMeasuresSequence") or ds.get("ImagerPixelSpacing")
+    return iop, ipp, spacing
+
+
+def dicom_affine(headers: list[pydicom.Dataset], slices: int) -> np.ndarray:
+    """RAS affine mapping (col, row, slice) indices to millimetres (MONAI's swapped-ij convention).
+
+    Irregularly spaced slices get the mean step (as MONAI does); the writer keeps their true positions.
+    """
+    first = headers[0]
+    iop, ipp, spacing = _geometry(first)
+    dr, dc = (float(v) for v in spacing) if spacing else (1.0, 1.0)
+    if not (dr > 0 and dc > 0):
+        dr, dc = 1.0, 1.0
+    if iop is None or ipp is None:
+        depth = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1)) or 1)
+        return np.diag([dc, dr, depth, 1.0])
+    row_dir, col_dir = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    origin = np.asarray(ipp, float)
+    normal = np.cross(row_dir, col_dir)
+    if slices > 1:
+        last = (_geometry(headers[-1])[1] if len(headers) > 1 else _geometry(first, slices - 1)[1])
+        step = (np.asarray(last, float) - origin) / (slices - 1) if last is not None else normal
+        if not np.linalg.norm(step) > 0:
+            step = normal * float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1)) or 1)
+    else:
+        step = normal * float(first.get("SliceThickness", 1) or 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dc, col_dir * dr, step, origin
+    return LPS_TO_RAS @ lps

@@ -1,0 +1,331 @@
+"""Writers: derived DICOM series in the source's geometry and IOD, NIfTI, PNG previews and panels (atomic)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from medidiff.errors import OutputError
+from medidiff.io.atomic import atomic_dir, atomic_write
+from medidiff.io.discovery import SeriesRef
+from medidiff.io.loading import dicom_affine
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# IODs whose Modality LUT is fixed to identity (RescaleSlope 1, RescaleIntercept 0) or absent.
+FIXED_RESCALE_SOP = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.3")
+PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
+NO_RESCALE_MODALITIES = {"MR", "US", "NM", "XA", "RF"}
+# Attributes that describe the source's pixels, not ours; dropped before writing.
+DROP = (
+    "PixelData", "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
+    "PixelPaddingRangeLimit", "SmallestPixelValueInSeries", "LargestPixelValueInSeries", "IconImageSequence",
+    "DataSetTrailingPadding", "PixelDataProviderURL", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "ModalityLUTSequence", "VOILUTSequence", "RedPaletteColorLookupTableDescriptor", "PlanarConfiguration",
+    "LossyImageCompressionRatio", "LossyImageCompressionMethod", "SourceImageSequence",
+    "ReferencedSeriesSequence", "DerivationCodeSequence", "InstanceCreatorUID",
+)
+
+
+def write_derived_dicom(
+    image: torch.Tensor, source: SeriesRef, out_dir: Path, *, series_description: str,
+    derivation_description: str, series_number: int | None = None,
+) -> list[Path]:
+    """Write ``image`` as a new derived series of ``source``'s study into ``out_dir`` (replaced atomically).
+
+    Each output instance copies its source instance's Patient/Study/Series/Equipment attributes, gets new
+    Series/SOP Instance UIDs, ImageType DERIVED\\SECONDARY, a SourceImageSequence reference and geometry
+    from the image's affine. Intensities are mapped back to stored values (MONOCHROME1 restored), keeping
+    the source's rescale when the values fit and choosing a new one otherwise. Returns the written paths.
+    """
+    volume = _volume(image)
+    headers = [_read_header(f) for f in source.files]
+    meta = getattr(image, "meta", {}) or {}
+    if meta.get("medidiff_inverted"):
+        lo, hi = meta["medidiff_range"]
+        volume = (lo + hi) - volume
+    affine = _affine_of(image)
+    series_uid = generate_uid()
+    number = series_number if series_number is not None else int(headers[0].get("SeriesNumber", 0) or 0) + 1000
+    multi_frame = len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1
+    slices = 1 if multi_frame or volume.ndim == 2 else volume.shape[2]
+    stored, rescale = _quantise(volume, headers[0])
+    same_grid = slices == len(headers) and np.allclose(affine, dicom_affine(headers, slices), atol=1e-4)
+    now = dt.datetime.now()
+    written = []
+    with atomic_dir(out_dir) as tmp:
+        for k in range(slices):
+            src = headers[min(round(k * len(headers) / slices), len(headers) - 1)]
+            pixels = stored if multi_frame or stored.ndim == 2 else stored[:, :, k]
+            ds = _derived(src, pixels, rescale, None if same_grid else affine, k, headers[0], now)
+            ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
+            ds.SeriesDescription = series_description[:64]
+            ds.DerivationDescription = derivation_description[:1024]
+            ds.InstanceNumber = k + 1
+            name = f"IM{k + 1:05d}.dcm"
+            pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
+            written.append(Path(out_dir) / name)
+    return written
+
+
+def write_nifti(image: torch.Tensor, path: str | Path) -> Path:
+    """Write ``image`` (channel first) as NIfTI with its RAS affine; atomic."""
+    import nibabel as nib
+
+    path = Path(path)
+    array = _as_numpy(image)
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    with atomic_write(path) as tmp:
+        nib.save(nib.Nifti1Image(array.astype(np.float32), _affine_of(image)), str(tmp) + ".nii.gz")
+        Path(str(tmp) + ".nii.gz").replace(tmp)
+    return path
+
+
+def write_png(image: torch.Tensor, path: str | Path, *, window: tuple[float, float] | None = None) -> Path:
+    """Write the middle slice as an 8-bit greyscale PNG (rows down); percentile window unless given; atomic."""
+    import matplotlib.image
+
+    plane = _middle_plane(image)
+    lo, hi = window if window is not None else _window(plane)
+    scaled = np.clip((plane - lo) / max(hi - lo, 1e-12), 0, 1)
+    with atomic_write(path) as tmp:
+        matplotlib.image.imsave(tmp, (scaled * 255).astype(np.uint8), cmap="gray", vmin=0, vmax=255,
+                                format="png")
+    return Path(path)
+
+
+def write_panel(
+    before: torch.Tensor, after: torch.Tensor, path: str | Path, *,
+    titles: tuple[str, str] = ("before", "after"), show_difference: bool = True,
+) -> Path:
+    """Write a before | after [| difference] panel of the middle slices as PNG (matplotlib Agg); atomic."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first, second = _middle_plane(before), _middle_plane(after)
+    lo, hi = _window(first)
+    same_shape = first.shape == second.shape
+    panels = 3 if show_difference and same_shape else 2
+    fig = Figure(figsize=(4 * panels, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels)
+    for ax, plane, title in zip(axes[:2], (first, second), titles, strict=True):
+        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title)
+        ax.axis("off")
+    if panels == 3:
+        diff = second - first
+        bound = float(np.percentile(np.abs(diff), 99.5)) or 1.0
+        shown = axes[2].imshow(diff, cmap="coolwarm", vmin=-bound, vmax=bound)
+        axes[2].set_title(f"{titles[1]} - {titles[0]}")
+        axes[2].axis("off")
+        fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def _as_numpy(image) -> np.ndarray:
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return array.astype(np.float64)
+
+
+def _volume(image) -> np.ndarray:
+    """The single channel of ``image`` as (cols, rows[, slices]) float64; refuses NaNs and channels."""
+    array = _as_numpy(image)
+    if array.ndim not in (3, 4) or array.shape[0] != 1:
+        raise OutputError(f"DICOM output needs a single-channel (1, cols, rows[, slices]) image, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise OutputError("the image to write holds NaN or infinite values")
+    return array[0]
+
+
+def _middle_plane(image) -> np.ndarray:
+    """Middle slice of channel 0 in (row, col) layout."""
+    array = _as_numpy(image)
+    array = array[0] if array.ndim >= 3 else array
+    if array.ndim == 3:
+        array = array[:, :, array.shape[2] // 2]
+    return array.T
+
+
+def _window(plane: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(plane, [0.5, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _affine_of(image) -> np.ndarray:
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        affine = (getattr(image, "meta", {}) or {}).get("affine")
+    return np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+
+
+def _read_header(file: Path) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(file, stop_before_pixels=True, force=True)
+
+
+def _bits(header: Dataset) -> tuple[int, int, int]:
+    """(BitsAllocated, BitsStored, PixelRepresentation) for the output: the source's if 8/16-bit, else 16."""
+    allocated = int(header.get("BitsAllocated", 16))
+    stored = int(header.get("BitsStored", allocated))
+    if allocated not in (8, 16) or stored > allocated:
+        allocated, stored = 16, 16
+    return allocated, stored, int(header.get("PixelRepresentation", 0) or 0)
+
+
+def _ds(value: float) -> float:
+    """``value`` as it survives a DS string (16 characters)."""
+    return float(format_number_as_ds(float(value)))
+
+
+def _quantise(volume: np.ndarray, header: Dataset) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Stored integer values for ``volume`` and the (slope, intercept) to write (None: write none)."""
+    _, bits, signed = _bits(header)
+    smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    has_rescale = "RescaleSlope" in header
+    slope = float(header.get("RescaleSlope", 1) or 1)
+    intercept = float(header.get("RescaleIntercept", 0) or 0)
+    candidate = np.rint((volume - intercept) / slope)
+    if candidate.min() >= smin and candidate.max() <= smax:
+        return candidate, (slope, intercept) if has_rescale else None
+    vmin, vmax = float(volume.min()), float(volume.max())
+    fixed = str(header.get("SOPClassUID", "")) in FIXED_RESCALE_SOP or (
+        not has_rescale and str(header.get("Modality", "")) in NO_RESCALE_MODALITIES)
+    if fixed:  # identity Modality LUT required: stretch the values over the stored range
+        scale = (smax - smin) / (vmax - vmin) if vmax > vmin else 1.0
+        return np.rint((volume - vmin) * scale + smin), (1.0, 0.0) if has_rescale else None
+    slope = _ds((vmax - vmin) / (smax - smin)) if vmax > vmin else 1.0
+    slope = slope or 1.0
+    intercept = _ds(vmin - slope * smin)
+    return np.clip(np.rint((volume - intercept) / slope), smin, smax), (slope, intercept)
+
+
+def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | None, k: int, first: Dataset,
+             now: dt.datetime) -> Dataset:
+    """A derived instance built from ``src``'s header with ``pixels`` (cols, rows[, frames]).
+
+    ``affine`` None means the image is still on the source grid: ``src``'s geometry is kept as is.
+    """
+    ds = Dataset()  # a fresh dataset: no source encoding (e.g. big endian) carried over
+    for element in src:
+        ds.add(copy.deepcopy(element))
+    ds.remove_private_tags()
+    for tag in [t for t in ds.keys() if 0x6000 <= t.group <= 0x60FF or 0x5000 <= t.group <= 0x50FF]:
+        del ds[tag]
+    for keyword in DROP:
+        if keyword in ds:
+            delattr(ds, keyword)
+    if "PixelAspectRatio" in ds:  # square pixels are implied; a stale or empty ratio is an error
+        del ds.PixelAspectRatio
+    _series_laterality(ds)
+    source_rows, source_cols = int(src.Rows), int(src.Columns)
+    frames = pixels.shape[2] if pixels.ndim == 3 else 1
+    ds.SOPInstanceUID = generate_uid()
+    image_type = [str(v) for v in (src.get("ImageType") or [])]
+    ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
+    ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
+    if _lossy(src):
+        ds.LossyImageCompression = "01"
+    _reference(ds, src)
+    _pixel_module(ds, pixels, rescale, first)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if affine is not None:
+        _geometry(ds, src, affine, k, source_rows, source_cols)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.preamble = b"\0" * 128
+    return ds
+
+
+def _series_laterality(ds: Dataset) -> None:
+    """Drop an empty Series Laterality (type 2C) from projection images, where its condition fails."""
+    projection = str(ds.get("Modality", "")) in PROJECTION_MODALITIES or "ImageLaterality" in ds
+    if projection and "Laterality" in ds and not ds.Laterality:
+        del ds.Laterality
+
+
+def _syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)) if meta else ExplicitVRLittleEndian
+
+
+def _lossy(ds: Dataset) -> bool:
+    syntax = pydicom.uid.UID(_syntax(ds))
+    return syntax.is_compressed and syntax not in (
+        pydicom.uid.RLELossless, pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1,
+        pydicom.uid.JPEGLSLossless, pydicom.uid.JPEG2000Lossless)
+
+
+def _reference(ds: Dataset, src: Dataset) -> None:
+    """SourceImageSequence and ReferencedSeriesSequence pointing at ``src``."""
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    ds.SourceImageSequence = Sequence([ref])
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = src.SOPClassUID
+    instance.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = src.SeriesInstanceUID
+    series.ReferencedInstanceSequence = Sequence([instance])
+    ds.ReferencedSeriesSequence = Sequence([series])
+
+
+def _pixel_module(ds: Dataset, pixels: np.ndarray, rescale, first: Dataset) -> None:
+    """Image Pixel module (uncompressed) plus Modality LUT attributes."""
+    allocated, bits, signed = _bits(first)
+    dtype = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16}[(allocated, signed)]
+    frames = np.moveaxis(pixels, -1, 0) if pixels.ndim == 3 else pixels[None]
+    data = np.ascontiguousarray(np.transpose(frames, (0, 2, 1))).astype(dtype)  # (frames, rows, cols)
+    ds.Rows, ds.Columns = data.shape[1], data.shape[2]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = str(first.PhotometricInterpretation)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, signed
+    for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if rescale is not None:
+        ds.RescaleIntercept = format_number_as_ds(float(rescale[1]))
+        ds.RescaleSlope = format_number_as_ds(float(rescale[0]))
+        if "RescaleType" in first:
+            ds.RescaleType = first.RescaleType
+    ds.PixelData = data.tobytes()
+    ds["PixelData"].VR = "OW" if allocated > 8 else "OB"
+
+
+def _geometry(ds: Dataset, src: Dataset, affine: np.ndarray, k: int, source_rows: int, source_cols: int) -> None:
+    """Plane geometry from the image affine when the source has it; else scale the source's spacing."""
+    if "ImageOrientationPatient" in src and "ImagePositionPatient" in src:
+        lps = RAS_TO_LPS @ affine
+        dc, dr = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
+        row_dir, col_dir = lps[:3, 0] / dc, lps[:3, 1] / dr
+        position = lps[:3, 3] + k * lps[:3, 2]
+        ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position]
+        ds.PixelSpacing = [format_number_as_ds(float(dr)), format_number_as_ds(float(dc))]
+        if "SliceLocation" in ds:
+            ds.SliceLocation = format_number_as_ds(float(np.dot(np.cross(row_dir, col_dir), position)))
+        return
+    factor = (source_rows / int(ds.Rows), source_cols / int(ds.Columns))
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        if keyword in src and src[keyword].value and factor != (1.0, 1.0):
+            values = [float(v) for v in src[keyword].value]
+            setattr(ds, keyword, [format_number_as_ds(values[0] * factor[0]),
+                                  format_number_as_ds(values[1] * factor[1])])
