@@ -15,7 +15,7 @@ def display_slice(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.T
 
 
-def window(array: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float]:
+def percentile_window(array: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> tuple[float, float]:
     """Percentile display window of an array."""
     lo, hi = np.percentile(array, [lower, upper])
     return float(lo), float(hi if hi > lo else lo + 1.0)
@@ -29,14 +29,14 @@ def before_after_figure(before, after, *, extra: dict | None = None, titles=("be
     from matplotlib.figure import Figure
 
     first, second = display_slice(before), display_slice(after)
-    panels = [(titles[0], first, "gray", window(first)), (titles[1], second, "gray", window(second))]
+    panels = [(titles[0], first, "gray", percentile_window(first)), (titles[1], second, "gray", percentile_window(second))]
     if first.shape == second.shape:
         diff = second - first
         limit = float(np.percentile(np.abs(diff), 99.5)) or 1.0
         panels.append(("difference (after - before)", diff, "RdBu_r", (-limit, limit)))
     for title, image in (extra or {}).items():
         array = display_slice(image)
-        panels.append((title, array, "gray", window(array)))
+        panels.append((title, array, "gray", percentile_window(array)))
     fig = Figure(figsize=(4.2 * len(panels), 4.6))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, array, cmap, (lo, hi)) in zip(axes[0], panels, strict=True):

@@ -24,11 +24,11 @@ def write_outputs(item: dict, pipeline: Pipeline, folder: Path) -> None:
         writers.write_nifti(image, folder / "image.nii.gz")
     if "png" in outputs:
         writers.write_png(image, folder / "preview.png")
+        extra = {key: item[key] for key in outputs["png"].get("extra_keys", []) if key in item}
+        for key, layer in extra.items():
+            writers.write_png(layer, folder / f"{key}.png")
         if outputs["png"].get("panel", True) and "original" in item:
-            writers.write_panel(item["original"], image, folder / "panel.png")
-        for extra in outputs["png"].get("extra_keys", []):
-            if extra in item:
-                writers.write_png(item[extra], folder / f"{extra}.png")
+            writers.write_panel(item["original"], image, folder / "panel.png", extra=extra)
 
 
 def _derivation(pipeline: Pipeline) -> str:

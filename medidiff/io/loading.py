@@ -92,12 +92,13 @@ class Study:
         """Draw the middle slice of series ``index`` (rows down, columns across) with matplotlib."""
         import matplotlib.pyplot as plt
 
-        image = self[index][0]
-        plane = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+        from medidiff.display import display_slice, percentile_window
+
+        plane = display_slice(self[index])
         if ax is None:
             _, ax = plt.subplots()
-        lo, hi = np.percentile(plane.numpy(), [0.5, 99.5])
-        ax.imshow(plane.numpy().T, cmap="gray", vmin=lo, vmax=hi)
+        lo, hi = percentile_window(plane)
+        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi)
         ax.set_title(f"{self.series[index].modality} {self.series[index].key}")
         ax.axis("off")
         return ax

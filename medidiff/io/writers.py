@@ -15,6 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from medidiff.display import before_after_figure, display_slice, percentile_window
 from medidiff.errors import OutputError
 from medidiff.io.atomic import atomic_dir, atomic_write
 from medidiff.io.discovery import SeriesRef
@@ -94,8 +95,8 @@ def write_png(image: torch.Tensor, path: str | Path, *, window: tuple[float, flo
     """Write the middle slice as an 8-bit greyscale PNG (rows down); percentile window unless given; atomic."""
     import matplotlib.image
 
-    plane = _middle_plane(image)
-    lo, hi = window if window is not None else _window(plane)
+    plane = display_slice(image)
+    lo, hi = window if window is not None else percentile_window(plane)
     scaled = np.clip((plane - lo) / max(hi - lo, 1e-12), 0, 1)
     with atomic_write(path) as tmp:
         matplotlib.image.imsave(tmp, (scaled * 255).astype(np.uint8), cmap="gray", vmin=0, vmax=255,
@@ -105,33 +106,12 @@ def write_png(image: torch.Tensor, path: str | Path, *, window: tuple[float, flo
 
 def write_panel(
     before: torch.Tensor, after: torch.Tensor, path: str | Path, *,
-    titles: tuple[str, str] = ("before", "after"), show_difference: bool = True,
+    titles: tuple[str, str] = ("before", "after"), extra: dict | None = None,
 ) -> Path:
-    """Write a before | after [| difference] panel of the middle slices as PNG (matplotlib Agg); atomic."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    first, second = _middle_plane(before), _middle_plane(after)
-    lo, hi = _window(first)
-    same_shape = first.shape == second.shape
-    panels = 3 if show_difference and same_shape else 2
-    fig = Figure(figsize=(4 * panels, 4.4), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels)
-    for ax, plane, title in zip(axes[:2], (first, second), titles, strict=True):
-        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(title)
-        ax.axis("off")
-    if panels == 3:
-        diff = second - first
-        bound = float(np.percentile(np.abs(diff), 99.5)) or 1.0
-        shown = axes[2].imshow(diff, cmap="coolwarm", vmin=-bound, vmax=bound)
-        axes[2].set_title(f"{titles[1]} - {titles[0]}")
-        axes[2].axis("off")
-        fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    """Write a before | after | difference (| extra) panel of the middle slices as PNG; atomic."""
+    fig = before_after_figure(before, after, titles=titles, extra=extra)
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
 
 
@@ -148,20 +128,6 @@ def _volume(image) -> np.ndarray:
     if not np.isfinite(array).all():
         raise OutputError("the image to write holds NaN or infinite values")
     return array[0]
-
-
-def _middle_plane(image) -> np.ndarray:
-    """Middle slice of channel 0 in (row, col) layout."""
-    array = _as_numpy(image)
-    array = array[0] if array.ndim >= 3 else array
-    if array.ndim == 3:
-        array = array[:, :, array.shape[2] // 2]
-    return array.T
-
-
-def _window(plane: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(plane, [0.5, 99.5])
-    return float(lo), float(hi if hi > lo else lo + 1)
 
 
 def _affine_of(image) -> np.ndarray:
