@@ -105,11 +105,13 @@ class Inventory:
 
     def summary_rows(self) -> list[tuple[str, ...]]:
         """Table rows (header first) for the CLI; no patient information."""
-        rows = [("study", "series", "modality", "body part", "view", "size", "frames", "description")]
-        for s in self.series:
+        rows = [("patient", "study", "series", "modality", "body part", "view", "size", "frames",
+                 "transfer syntax", "description")]
+        for s in sorted(self.series, key=lambda s: (s.patient_hash, s.study_uid)):
             rows.append((
-                hash_identifier(s.study_uid), s.key, s.modality or "?", s.body_part or "-",
-                s.view_position or "-", f"{s.rows}x{s.columns}", str(s.frames), s.series_description or "-",
+                s.patient_hash, hash_identifier(s.study_uid), s.key, s.modality or "?", s.body_part or "-",
+                s.view_position or "-", f"{s.rows}x{s.columns}", str(s.frames),
+                ", ".join(s.transfer_syntaxes) or "-", s.series_description or "-",
             ))
         return rows
 
