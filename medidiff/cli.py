@@ -15,6 +15,9 @@ EPILOG = """examples:
   medidiff run pipelines/normalize-preview.yaml studies.zip -o out/
   medidiff stages
   medidiff train configs/bone_suppression/ldm.yaml
+  medidiff evaluate bone-suppression --data synthetic-cxr:test:20 --baseline identity
+  medidiff models register bone_suppression
+  medidiff reader-study export bone-suppression --data synthetic-cxr:test:20 -o study/
 """
 
 
@@ -44,6 +47,44 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training config YAML, e.g. configs/bone_suppression/ldm.yaml")
     train.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+
+    tracking = argparse.ArgumentParser(add_help=False)
+    tracking.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                          "else sqlite:///mlflow.db in the working directory)")
+
+    evaluate = sub.add_parser("evaluate", parents=[tracking], help="evaluate a pipeline against references, "
+                              "with 95%% CIs, tracked in MLflow")
+    evaluate.add_argument("pipeline", help="a pipeline YAML file or a built-in name")
+    evaluate.add_argument("--data", required=True,
+                          help="synthetic-cxr:test:N[:SIZE], or a folder of DICOM studies with a reference/ subfolder")
+    evaluate.add_argument("--baseline", help="a pipeline to compare with (paired test), or 'identity' (the input)")
+    evaluate.add_argument("--experiment", default="medidiff-evaluation", help="MLflow experiment name")
+    evaluate.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    evaluate.add_argument("--no-tracking", action="store_true", help="compute and print only; log nothing")
+
+    models = sub.add_parser("models", help="the MLflow model registry")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    register = models_sub.add_parser("register", parents=[tracking], help="register models/NAME/ (or --folder)")
+    register.add_argument("name", help="model name, e.g. bone_suppression")
+    register.add_argument("--folder", help="model folder (default: the shipped models/NAME/)")
+    resolve = models_sub.add_parser("resolve", parents=[tracking], help="print the local folder of a model spec")
+    resolve.add_argument("spec", help="default, a folder, or models:/NAME/VERSION")
+
+    reader = sub.add_parser("reader-study", help="blinded reader studies: export images, import scores")
+    reader_sub = reader.add_subparsers(dest="reader_command", metavar="ACTION", required=True)
+    export = reader_sub.add_parser("export", help="write a blinded, randomised A/B image package and its key")
+    export.add_argument("pipeline", help="method A: a pipeline YAML file or a built-in name")
+    export.add_argument("--data", required=True, help="as for 'medidiff evaluate'")
+    export.add_argument("--baseline", default="identity", help="method B: a pipeline, or 'identity' (default)")
+    export.add_argument("-o", "--output", required=True, help="new folder: reader_package/ + key.json")
+    export.add_argument("--cases", type=int, default=None, help="export only the first N cases")
+    export.add_argument("--no-reference", action="store_true", help="do not show the reference image")
+    export.add_argument("--seed", type=int, default=None, help="randomisation seed (default: random)")
+    import_ = reader_sub.add_parser("import", parents=[tracking], help="analyse readers' score CSVs, log to MLflow")
+    import_.add_argument("key", help="the study's key.json")
+    import_.add_argument("scores", nargs="+", help="filled-in score CSV files, one per reader")
+    import_.add_argument("--experiment", default="medidiff-reader-study", help="MLflow experiment name")
+    import_.add_argument("--no-tracking", action="store_true", help="print only; log nothing")
     return parser
 
 
@@ -101,7 +142,45 @@ def _train(args) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _inspect, "run": _run, "stages": _stages, "train": _train}
+def _evaluate(args) -> int:
+    from medidiff.evaluation import evaluate
+
+    result = evaluate(args.pipeline, args.data, baseline=args.baseline, tracking_uri=args.tracking_uri,
+                      experiment=args.experiment, cases=args.cases, track=not args.no_tracking)
+    print(result.table())
+    return 0 if not result.failed else 1
+
+
+def _models(args) -> int:
+    from medidiff import model_registry
+
+    if args.models_command == "register":
+        model = model_registry.register_model_folder(args.name, args.folder, tracking_uri=args.tracking_uri)
+        print(f"registered {model.uri} (run {model.run_id})")
+    else:
+        print(model_registry.resolve_model_dir(args.spec, tracking_uri=args.tracking_uri))
+    return 0
+
+
+def _reader_study(args) -> int:
+    from medidiff.evaluation import reader_study
+
+    if args.reader_command == "export":
+        key = reader_study.export(args.pipeline, args.data, args.output, baseline=args.baseline, cases=args.cases,
+                                  include_reference=not args.no_reference, seed=args.seed)
+        print(f"{len(key.trials)} trials: give {args.output}/{reader_study.PACKAGE}/ to the readers; "
+              f"keep {args.output}/{reader_study.KEY_FILE} away from them")
+    else:
+        result = reader_study.analyse(args.key, args.scores, tracking_uri=args.tracking_uri,
+                                      experiment=args.experiment, track=not args.no_tracking)
+        print(result.table())
+    return 0
+
+
+COMMANDS = {
+    "inspect": _inspect, "run": _run, "stages": _stages, "train": _train, "evaluate": _evaluate,
+    "models": _models, "reader-study": _reader_study,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pydicom.data
 import pytest
 
+pytest_plugins = ["tests.mlflow_server"]
+
 
 @pytest.fixture(scope="session")
 def pydicom_files_dir() -> Path:

@@ -1,0 +1,172 @@
+"""Evaluation data: cases with a reference image, from the synthetic chest phantom or from DICOM studies.
+
+Data specs (CLI ``--data``)::
+
+    synthetic-cxr:test:20        20 phantom pairs from the held-out TEST_SEEDS, 512 px
+    synthetic-cxr:test:20:256    ... at 256 px
+    path/to/folder               DICOM studies; reference/ holds one reference series per study,
+                                 matched by StudyInstanceUID (the reference folder is not evaluated)
+
+Every case is a pipeline item ``{"image", "original", "reference", "source"}`` with MONAI's axis
+convention (``(1, cols, rows[, slices])``). Lineage (name, digest, source) goes to MLflow through
+:meth:`EvaluationData.mlflow_dataset`; the digest and source never contain identifiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from medidiff.errors import InputError
+
+SYNTHETIC_PREFIX = "synthetic-cxr:"
+REFERENCE_FOLDER = "reference"
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """Stands in for a DICOM ``SeriesRef`` for a phantom case (same attributes the pipeline reads)."""
+
+    seed: int
+    rows: int
+    columns: int
+    modality: str = "DX"
+    body_part: str = "CHEST"
+    view_position: str = "PA"
+    image_type: tuple[str, ...] = ("DERIVED", "SECONDARY")
+    frames: int = 1
+    series_description: str = "synthetic chest phantom"
+
+    @property
+    def study_uid(self) -> str:
+        return f"2.25.{self.seed}1"
+
+    @property
+    def series_uid(self) -> str:
+        return f"2.25.{self.seed}2"
+
+    @property
+    def key(self) -> str:
+        """The phantom seed: not an identifier, and enough to regenerate the case."""
+        return f"seed-{self.seed}"
+
+    @property
+    def is_3d(self) -> bool:
+        return False
+
+
+@dataclass
+class EvaluationData:
+    """A named, lazily loaded set of evaluation cases with a lineage digest."""
+
+    name: str
+    source: str
+    digest: str
+    count: int
+    _cases: Callable[[], Iterator[dict]]
+
+    def cases(self, limit: int | None = None) -> Iterator[dict]:
+        """Yield up to ``limit`` cases (all by default), loading one at a time."""
+        for index, item in enumerate(self._cases()):
+            if limit is not None and index >= limit:
+                return
+            yield item
+
+    def mlflow_dataset(self):
+        """An ``mlflow.data`` dataset (name, digest, source) for ``mlflow.log_input``."""
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        return MetaDataset(source=HTTPDatasetSource(self.source), name=self.name, digest=self.digest)
+
+
+def load_data(spec: str, *, size: int = 512) -> EvaluationData:
+    """Evaluation data from a spec (see the module docstring); InputError says what is wrong."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return synthetic_data(spec, size=size)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"--data {spec!r}: neither a folder of DICOM studies nor a synthetic-cxr:test:N spec")
+    return dicom_data(path)
+
+
+def synthetic_data(spec: str, *, size: int = 512) -> EvaluationData:
+    """``synthetic-cxr:test:N[:SIZE]``: N phantom pairs from the held-out test seeds."""
+    from medidiff.datasets import chest_phantom
+
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (3, 4) or parts[1] != "test":
+            raise ValueError
+        count = int(parts[2])
+        size = int(parts[3]) if len(parts) == 4 else size
+    except ValueError:
+        raise InputError(f"--data {spec!r}: expected synthetic-cxr:test:N or synthetic-cxr:test:N:SIZE") from None
+    seeds = list(chest_phantom.TEST_SEEDS)
+    if not 1 <= count <= len(seeds) or not 32 <= size <= 4096:
+        raise InputError(f"--data {spec!r}: N must be 1..{len(seeds)} and SIZE 32..4096")
+    seeds = seeds[:count]
+    generator = Path(chest_phantom.__file__).read_bytes()
+    digest = hashlib.sha256(generator + f"{seeds[0]}:{count}:{size}".encode()).hexdigest()[:16]
+
+    def cases() -> Iterator[dict]:
+        for seed in seeds:
+            pair = chest_phantom.make_pair(seed, size=size)
+            source = SyntheticSource(seed, rows=pair["cxr"].shape[0], columns=pair["cxr"].shape[1])
+            yield _item(pair["cxr"], pair["soft"], source)
+
+    name = f"synthetic-cxr-test-{count}-{size}px"
+    return EvaluationData(name, f"medidiff://synthetic-cxr:test:{count}:{size}", digest, count, cases)
+
+
+def _item(image, reference, source: SyntheticSource) -> dict:
+    import torch
+    from monai.data import MetaTensor
+
+    def tensor(array) -> MetaTensor:  # (rows, cols) -> MONAI's (1, cols, rows)
+        return MetaTensor(torch.as_tensor(array, dtype=torch.float32).T.contiguous()[None],
+                          meta={"modality": source.modality})
+
+    image_t = tensor(image)
+    return {"image": image_t, "original": image_t.clone(), "reference": tensor(reference), "source": source}
+
+
+def dicom_data(root: Path) -> EvaluationData:
+    """DICOM studies under ``root`` with reference series under ``root/reference``, paired by StudyInstanceUID."""
+    from medidiff.io.discovery import discover
+    from medidiff.io.privacy import hash_identifier
+
+    reference_root = root / REFERENCE_FOLDER
+    if not reference_root.is_dir():
+        raise InputError(f"{root}: no {REFERENCE_FOLDER}/ folder with reference series (matched by StudyInstanceUID)")
+    references: dict[str, object] = {}
+    for series in discover(reference_root).series:
+        if series.study_uid in references:
+            raise InputError(f"{reference_root}: study {hash_identifier(series.study_uid)} has several reference series")
+        references[series.study_uid] = series
+    pairs = []
+    for series in discover(root).series:
+        if reference_root in series.files[0].parents:
+            continue
+        if series.study_uid not in references:
+            raise InputError(f"{root}: series {series.key} has no reference series in {REFERENCE_FOLDER}/ "
+                             f"(study {hash_identifier(series.study_uid)})")
+        pairs.append((series, references[series.study_uid]))
+    if not pairs:
+        raise InputError(f"{root}: no DICOM image series to evaluate outside {REFERENCE_FOLDER}/")
+    pairs.sort(key=lambda pair: pair[0].key)
+    uids = "\n".join(f"{s.series_uid}>{r.series_uid}" for s, r in pairs)
+    digest = hashlib.sha256(uids.encode()).hexdigest()[:16]
+
+    def cases() -> Iterator[dict]:
+        from medidiff.io.loading import load_item, load_series
+
+        for series, reference in pairs:
+            yield load_item(series) | {"reference": load_series(reference)}
+
+    # The folder path may name a patient or site: only its salted hash is recorded.
+    name = f"dicom-{len(pairs)}-series"
+    return EvaluationData(name, f"medidiff://dicom-folder/{hash_identifier(str(root.resolve()))}", digest,
+                          len(pairs), cases)

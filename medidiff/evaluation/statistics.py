@@ -1,0 +1,80 @@
+"""Uncertainty for evaluation numbers: bootstrap CIs, paired tests against a baseline, Wilson intervals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_SEED = 20240601
+DEFAULT_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Method minus baseline, per case: mean difference with its bootstrap CI, and the Wilcoxon p-value."""
+
+    difference: Interval
+    p_value: float
+    n: int
+
+
+def bootstrap_ci(
+    values, *, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+) -> Interval:
+    """Percentile bootstrap CI of the mean; deterministic for a given ``seed``. One value gives a zero-width CI."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or data.size == 0:
+        raise ValueError("bootstrap_ci needs a non-empty 1-D sequence of values")
+    mean = float(data.mean())
+    if data.size == 1:
+        return Interval(mean, mean, mean)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return Interval(mean, float(low), float(high))
+
+
+def paired_test(
+    values, baseline, *, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+) -> PairedTest:
+    """Paired comparison of per-case ``values`` with ``baseline`` (same cases, same order).
+
+    The CI is a bootstrap over cases of the mean difference; the p-value is the two-sided Wilcoxon
+    signed-rank test (1.0 when every difference is zero).
+    """
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(values, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_test needs as many baseline values as values ({b.shape} vs {a.shape})")
+    diff = a - b
+    interval = bootstrap_ci(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    p_value = 1.0 if not np.any(diff) else float(wilcoxon(diff).pvalue)
+    return PairedTest(interval, p_value, int(diff.size))
+
+
+def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> Interval:
+    """Wilson score interval of a proportion (well behaved at 0, 1 and small n)."""
+    from scipy.stats import norm
+
+    if n <= 0:
+        raise ValueError("wilson_interval needs n > 0")
+    z = float(norm.ppf(1 - (1 - confidence) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Interval(p, float(max(0.0, centre - half)), float(min(1.0, centre + half)))

@@ -1,0 +1,154 @@
+"""`medidiff evaluate` against a real MLflow server: what one run holds, and that no identifier reaches it.
+
+Needs the ``mlflow_server`` fixture (tests/mlflow_server.py, enabled in tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from scipy.ndimage import gaussian_filter
+
+from medidiff.cli import main
+from medidiff.errors import InputError
+from medidiff.evaluation import evaluate
+from medidiff.evaluation.datasets import EvaluationData, SyntheticSource, _item
+from medidiff.pipeline import Pipeline
+
+PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-12345"
+SMOOTH = """
+name: smooth
+select: {modality: [CT, DX]}
+stages:
+  - monai.transforms.GaussianSmoothd: {keys: [image], sigma: 1.0}
+"""
+
+
+def dicom_studies_with_references(folder: Path, count: int = 3) -> list[str]:
+    """``count`` CT studies (CT_small.dcm, new UIDs, a known patient) and reference/ series; returns UIDs."""
+    uids = []
+    for i in range(count):
+        for role in ("input", "reference"):
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            if role == "input":
+                study_uid = generate_uid()
+            ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            pixels = ds.pixel_array
+            if role == "reference":  # a smoother "ground truth", different per study
+                pixels = gaussian_filter(pixels.astype(np.float64), 0.6 + 0.3 * i).round().astype(pixels.dtype)
+            ds.PixelData = pixels.tobytes()
+            target = folder / ("reference" if role == "reference" else "") / f"study_{i}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(target)
+            uids += [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID]
+    return uids
+
+
+def phantom_data(count: int = 4, size: int = 48) -> EvaluationData:
+    """Small synthetic cases (noisy image, clean reference) that need no phantom generator."""
+
+    def cases():
+        for seed in range(count):
+            rng = np.random.default_rng(seed)
+            reference = gaussian_filter(rng.random((size, size + 8)), 3).astype(np.float32)
+            image = reference + rng.normal(0, 0.05, reference.shape).astype(np.float32)
+            yield _item(image, reference, SyntheticSource(seed, rows=size, columns=size + 8))
+
+    return EvaluationData("noisy-phantom", "medidiff://test/noisy-phantom", "0123456789abcdef", count, cases)
+
+
+@pytest.fixture()
+def smooth(tmp_path) -> Path:
+    path = tmp_path / "smooth.yaml"
+    path.write_text(SMOOTH, encoding="utf-8")
+    return path
+
+
+def test_item_layout_follows_monai():
+    item = next(phantom_data(1).cases())
+    assert item["image"].shape == (1, 56, 48)  # (1, cols, rows)
+    assert item["source"].modality == "DX" and item["source"].key == "seed-0"
+
+
+def test_evaluation_run_reads_back(mlflow_server, smooth, tmp_path):
+    result = evaluate(smooth, phantom_data(), baseline="identity", tracking_uri=mlflow_server, experiment="t-eval")
+    assert set(result.metrics) == {"psnr", "ssim", "mse"}
+    assert result.comparison["psnr"].difference.low > 0  # smoothing removes the noise: a real gain
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert params["pipeline.file"] == "smooth.yaml"
+    assert params["pipeline.digest"] == Pipeline.from_yaml(smooth).digest
+    assert params["stage.0.monai.transforms.GaussianSmoothd.sigma"] == "1.0"
+    assert params["medidiff_version"] and params["baseline"] == "identity"
+    for name in ("psnr", "ssim", "mse"):
+        low, mean, high = (metrics[f"{name}_{s}"] for s in ("ci95_low", "mean", "ci95_high"))
+        assert low <= mean <= high
+        assert mean == pytest.approx(result.metrics[name].estimate)
+        assert f"baseline_{name}_mean" in metrics and f"diff_{name}_wilcoxon_p" in metrics
+    assert metrics["cases"] == 4
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
+        a.path for a in client.list_artifacts(result.run_id, "panels")}
+    assert {"per_case_metrics.json", "panels/worst_psnr.png", "panels/best_psnr.png"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(result.run_id, "per_case_metrics.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == 4 and "baseline_psnr" in table["columns"]
+    panel = Image.open(client.download_artifacts(result.run_id, "panels/worst_psnr.png", str(tmp_path)))
+    assert panel.size[0] > 3 * panel.size[1]  # before | after | difference | reference
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("noisy-phantom", "0123456789abcdef")
+
+
+def test_no_patient_identifier_reaches_mlflow(mlflow_server, smooth, tmp_path):
+    studies = tmp_path / "studies"
+    secrets = [PATIENT_NAME, "Doe", "Jane", PATIENT_ID, *dicom_studies_with_references(studies)]
+    code = main(["evaluate", str(smooth), "--data", str(studies), "--baseline", "identity",
+                 "--tracking-uri", mlflow_server, "--experiment", "t-privacy"])
+    assert code == 0
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("t-privacy").experiment_id])
+    assert run.data.metrics["cases"] == 3
+    logged = [run.info.run_name, *run.data.params, *run.data.params.values(), *run.data.tags,
+              *run.data.tags.values(), *run.data.metrics]
+    for dataset_input in run.inputs.dataset_inputs:
+        logged += [dataset_input.dataset.name, dataset_input.dataset.digest, dataset_input.dataset.source]
+    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    files = [p for p in downloaded.rglob("*") if p.is_file()]
+    assert len(files) >= 3
+    for path in files:
+        logged.append(path.read_bytes().decode("latin-1"))
+        if path.suffix == ".png":
+            logged += [str(v) for v in Image.open(path).info.values()]
+    text = "\n".join(logged)
+    for secret in secrets:
+        assert secret not in text, f"{secret!r} reached MLflow"
+
+
+def test_cli_on_synthetic_phantom_cases(smooth, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["evaluate", str(smooth), "--data", "synthetic-cxr:test:2:64", "--no-tracking"])
+    out = capsys.readouterr().out
+    assert code == 0 and "synthetic-cxr-test-2-64px: 2 cases" in out and "ssim" in out
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_no_tracking_logs_nothing(smooth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = evaluate(smooth, phantom_data(2), track=False)
+    assert result.run_id is None and not (tmp_path / "mlflow.db").exists()
+    assert "psnr" in result.table()
+
+
+def test_cases_whose_output_differs_in_shape_fail():
+    resize = Pipeline.from_text("name: r\nstages:\n  - resize_in_plane: {max_size: 32}\n")
+    with pytest.raises(InputError, match="2 failed"):
+        evaluate(resize, phantom_data(2), track=False)
