@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training config YAML, e.g. configs/bone_suppression/ldm.yaml")
     train.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+    train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
+                       "or ./mlflow.db)")
+    train.add_argument("--no-tracking", action="store_true", help="do not log the training to MLflow")
 
     tracking = argparse.ArgumentParser(add_help=False)
     tracking.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
@@ -136,9 +139,18 @@ def _stages(args) -> int:
 
 
 def _train(args) -> int:
+    from pathlib import Path
+
     from medidiff.train import train
 
-    train(args.config, resume=not args.fresh, max_minutes=args.max_minutes)
+    options = {"resume": not args.fresh, "max_minutes": args.max_minutes}
+    if args.no_tracking:
+        train(args.config, **options)
+        return 0
+    from medidiff.tracking import training_logger
+
+    with training_logger(Path(args.config).stem, args.config, tracking_uri=args.tracking_uri) as log:
+        log.add_model_files(train(args.config, log=log, **options))
     return 0
 
 

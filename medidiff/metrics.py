@@ -1,0 +1,43 @@
+"""Image-quality metrics for bone suppression, on float images in [0,1] shaped (N,1,H,W).
+
+Every function returns one value per image (a (N,) tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+
+def mse(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image."""
+    return (out - gt).pow(2).flatten(1).mean(1)
+
+
+def psnr(out: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB on floats (no uint8 wrap-around)."""
+    return 10 * torch.log10(data_range**2 / mse(out, gt).clamp_min(1e-12))
+
+
+def ssim(out: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity (Gaussian window 11, sigma 1.5) per image."""
+    return structural_similarity_index_measure(out.float(), gt.float(), data_range=data_range, reduction="none")
+
+
+def bsr(out: torch.Tensor, gt: torch.Tensor, cxr: torch.Tensor, offset: bool = True) -> torch.Tensor:
+    """Bone suppression ratio 1 - sum(max(out' - gt, 0)^2) / sum((cxr - gt)^2), 1 = perfect.
+
+    ``out' = out + mean(gt - out)`` removes a global brightness offset (``offset=False``: out' =
+    out; then an unchanged CXR scores exactly 0). The reference works on negatives (bone dark)
+    and writes max(gt - out', 0); in MONOCHROME2 bone adds brightness, so residual bone is
+    out' - gt > 0.
+    """
+    if offset:
+        out = out + (gt - out).flatten(1).mean(1).view(-1, 1, 1, 1)
+    residual = (out - gt).clamp_min(0).pow(2).flatten(1).sum(1)
+    return 1 - residual / (cxr - gt).pow(2).flatten(1).sum(1).clamp_min(1e-12)
+
+
+def all_metrics(out: torch.Tensor, gt: torch.Tensor, cxr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BSR, PSNR, SSIM, MSE per image, by name."""
+    return {"BSR": bsr(out, gt, cxr), "PSNR": psnr(out, gt), "SSIM": ssim(out, gt), "MSE": mse(out, gt)}

@@ -1,0 +1,102 @@
+"""Pipeline stage: bone suppression of a CR/DX chest radiograph with BS-LDM.
+
+The model runs at its own resolution (aspect kept by padding). Only the predicted bone layer
+(cxr - soft at model resolution) is upsampled to the source size and subtracted from the
+full-resolution original, so the radiograph's fine detail is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+
+from medidiff.errors import StageError
+from medidiff.io.layout import swap_rows_cols
+from medidiff.stages.registry import register_stage
+
+MODALITIES = ("CR", "DX")
+MIN_SIZE, MAX_SIZE = 128, 8192
+PERCENTILES = (0.005, 0.995)
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(model: str = "default"):
+    """The BS-LDM model, loaded once per process: ``default`` = the shipped weights, else a folder."""
+    from medidiff.methods.bone_suppression import BSLDM, MODELS_DIR
+
+    folder = MODELS_DIR if model == "default" else Path(model)
+    if not (folder / "ldm.json").exists():
+        raise StageError(f"bone_suppression: no model weights in {folder} (expected ldm.json + ldm.safetensors)")
+    return BSLDM.from_pretrained(folder)
+
+
+def _check(image: torch.Tensor, source: object) -> torch.Tensor:
+    """Refuse what the model was not made for; return the image as (1, rows, cols) float32."""
+    modality = (getattr(source, "modality", "") or "").upper()
+    if modality and modality not in MODALITIES:
+        raise StageError(f"bone_suppression: modality is {modality}; expected a chest radiograph (CR or DX)")
+    if image.ndim == 4 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 3 or image.shape[0] != 1:
+        raise StageError(f"bone_suppression: image has shape {tuple(image.shape)}; expected a single 2-D "
+                         "projection (1, cols, rows), not a 3-D volume or multi-channel image")
+    rows, cols = image.shape[2], image.shape[1]
+    if min(rows, cols) < MIN_SIZE or max(rows, cols) > MAX_SIZE:
+        raise StageError(f"bone_suppression: image is {rows}x{cols} px; expected {MIN_SIZE}..{MAX_SIZE} px per side")
+    x = swap_rows_cols(image.as_tensor() if isinstance(image, MetaTensor) else image).float()
+    if not torch.isfinite(x).all():
+        raise StageError("bone_suppression: image contains NaN or infinite values; expected finite intensities")
+    return x
+
+
+def _percentiles(x: torch.Tensor) -> tuple[float, float]:
+    """Robust intensity range from a strided subsample (fast on large images)."""
+    flat = x.flatten()
+    sub = flat[:: max(1, flat.numel() // 1_000_000)]
+    lo, hi = torch.quantile(sub, torch.tensor(PERCENTILES)).tolist()
+    return lo, hi if hi > lo else lo + 1.0
+
+
+@register_stage("bone_suppression", summary="BS-LDM: remove ribs/clavicles from a chest radiograph (CR/DX PA/AP).")
+class BoneSuppression:
+    """Bone suppression; ``steps``: sampling steps (the model's sampler: 1000-step DDPM for the shipped
+    weights, fewer steps respace it); ``keep_bone_layer``: also return item['bone']."""
+
+    def __init__(self, steps: int = 1000, model: str = "default", keep_bone_layer: bool = True, seed: int = 0):
+        if not 1 <= steps <= 1000:
+            raise StageError(f"bone_suppression: steps is {steps}; expected 1..1000")
+        self.steps, self.model, self.keep_bone_layer, self.seed = steps, model, keep_bone_layer, seed
+
+    def bone_layer(self, norm: torch.Tensor) -> torch.Tensor:
+        """Predicted bone layer (1, rows, cols) for a normalised image, at the image's own size."""
+        net = load_model(self.model)
+        res = int(net.cfg.get("resolution", 256))
+        rows, cols = norm.shape[-2:]
+        scale = res / max(rows, cols)
+        h, w = max(1, round(rows * scale)), max(1, round(cols * scale))
+        small = F.interpolate(norm[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        small = small.clamp(0, 1)
+        pad = (0, res - w, 0, res - h)
+        lr = F.pad(small, pad, mode="replicate")
+        soft = net.suppress(lr, self.steps, seed=self.seed)
+        bone_lr = (lr - soft)[..., :h, :w]
+        return F.interpolate(bone_lr, size=(rows, cols), mode="bicubic", align_corners=False)[0]
+
+    def __call__(self, item: dict) -> dict:
+        image = item["image"]
+        x = _check(image, item.get("source"))
+        lo, hi = _percentiles(x)
+        with torch.no_grad():
+            bone = self.bone_layer((x - lo) / (hi - lo)) * (hi - lo)
+        out = dict(item)
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        out["image"] = MetaTensor(swap_rows_cols(x - bone).to(image.dtype if image.is_floating_point() else torch.float32),
+                                  meta=meta)
+        if self.keep_bone_layer:
+            out["bone"] = MetaTensor(swap_rows_cols(bone), meta=dict(meta))
+        return out
+

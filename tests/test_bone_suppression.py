@@ -1,0 +1,136 @@
+"""BS-LDM end to end on tiny models: trainer, metrics, model loading and the pipeline stage."""
+
+import textwrap
+import types
+
+import pytest
+import torch
+import yaml
+from monai.data import MetaTensor
+
+from medidiff.errors import StageError
+from medidiff.methods.bone_suppression import BSLDM
+from medidiff.metrics import bsr
+from medidiff.stages.bone_suppression import BoneSuppression
+from medidiff.train import train
+
+FAKE_GENERATOR = textwrap.dedent('''
+    import numpy as np
+    TRAIN_SEEDS = range(0, 100)
+    TEST_SEEDS = range(1000, 1100)
+
+    def make_pair(seed, size=64):
+        rng = np.random.default_rng(seed)
+        y, x = np.mgrid[0:size, 0:size] / size
+        soft = 0.3 + 0.3 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) / 0.1) + 0.02 * rng.standard_normal((size, size))
+        bone = 0.2 * (np.sin(2 * np.pi * (6 * y + rng.random())) > 0.6)
+        soft = soft.astype(np.float32)
+        return {"cxr": (soft + bone).astype(np.float32), "soft": soft, "bone": bone.astype(np.float32), "meta": {}}
+
+    def make_batch(seeds, size=64):
+        pairs = [make_pair(s, size) for s in seeds]
+        return {k: np.stack([p[k] for p in pairs]) for k in ("cxr", "soft", "bone")}
+''')
+
+
+def _config(tmp, kind, model, **train_cfg):
+    cfg = {
+        "name": f"tiny_{kind}", "kind": kind, "seed": 0, "threads": 2,
+        "data": {"generator": "fake_phantom", "n_train": 16, "size": 64, "cache_dir": str(tmp / "cache")},
+        "model": model,
+        "train": {"batch_size": 4, "lr": 3e-3, "max_steps": 4, "log_every": 1, "ema": 0.9, **train_cfg},
+        "export": {"dir": str(tmp / "models"), "name": kind if kind != "vqgan" else "vqgan"},
+    }
+    if kind == "ldm":
+        cfg.update(vqgan=str(tmp / "models" / "vqgan"), diffusion={"num_train_timesteps": 1000, "offset_noise": 0.1},
+                   sampling={"steps": 3, "threshold": {"r0": 1.45, "dr": 0.0025}})
+    path = tmp / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bs")
+    (tmp / "fake_phantom.py").write_text(FAKE_GENERATOR)
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(tmp))
+    losses = []
+    train(_config(tmp, "regression", {"channels": [4, 8], "strides": [2]}, max_steps=40, crop=32),
+          out_dir=tmp / "run_reg", log=lambda step, m: losses.append(m["loss"]))
+    train(_config(tmp, "vqgan", {"channels": [4, 8, 8, 8], "latent_channels": 4, "num_codes": 16},
+                  adv_start=2, disc_channels=4, crop=32, loss_weights={"l1": 1.0, "ssim": 0.5, "grad": 1.0, "freq": 0.1}),
+          out_dir=tmp / "run_vq")
+    train(_config(tmp, "ldm", {"latent_channels": 4, "channels": [8, 8, 16], "norm_groups": 8, "attention_head_dim": 8}),
+          out_dir=tmp / "run_ldm")
+    yield tmp / "models", losses
+    mp.undo()
+
+
+def test_training_lowers_loss_and_exports(tiny_models):
+    folder, losses = tiny_models
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    for name in ("regression", "vqgan", "ldm"):
+        assert (folder / f"{name}.safetensors").exists() and (folder / f"{name}.json").exists()
+    assert "sha256" in (folder / "MODEL_CARD.md").read_text()
+
+
+def test_training_resumes(tiny_models, tmp_path):
+    folder, _ = tiny_models
+    cfg = folder.parent / "regression.yaml"
+    run = folder.parent / "run_reg"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
+    train(cfg, out_dir=run)  # nothing left to do: resumes at max_steps and re-exports
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
+
+
+def test_bsldm_suppress_shapes(tiny_models):
+    model = BSLDM.from_pretrained(tiny_models[0])
+    x = torch.rand(2, 1, 64, 64)
+    for kw in ({}, {"thresholding": False}, {"method": "ddpm", "steps": 4}):
+        out = model.suppress(x, **kw)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_bsr_formula():
+    gt = torch.zeros(1, 1, 2, 2)
+    cxr = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # bone energy 2
+    assert bsr(gt, gt, cxr).item() == pytest.approx(1.0)
+    assert bsr(cxr, gt, cxr, offset=False).item() == pytest.approx(0.0)
+    # out' = cxr - 0.5: residual max(out' - gt, 0) = 0.5 on the two bone pixels -> 1 - 0.5 / 2
+    assert bsr(cxr, gt, cxr).item() == pytest.approx(0.75)
+    half = cxr * 0.5  # half the bone left, offset off: 1 - 0.5 / 2
+    assert bsr(half, gt, cxr, offset=False).item() == pytest.approx(0.75)
+
+
+def _item(shape=(1, 300, 512), modality="DX", value=None):
+    g = torch.Generator().manual_seed(0)
+    img = MetaTensor(1000 + 3000 * torch.rand(shape, generator=g), affine=torch.diag(torch.tensor([0.2, 0.2, 1.0, 1.0])),
+                     meta={"spacing": (0.2, 0.2), "note": "x"})
+    if value is not None:
+        img[0, 10, 10] = value
+    src = types.SimpleNamespace(modality=modality, body_part="CHEST", view_position="PA")
+    return {"image": img, "source": src, "original": img.clone()}
+
+
+def test_stage_keeps_shape_and_meta(tiny_models):
+    stage = BoneSuppression(steps=2, model=str(tiny_models[0]))
+    item = _item()
+    out = stage(item)
+    assert out["image"].shape == item["image"].shape and out["bone"].shape == item["image"].shape
+    assert torch.isfinite(out["image"]).all()
+    assert torch.equal(out["image"].affine, item["image"].affine) and out["image"].meta["note"] == "x"
+    assert torch.equal(out["original"], item["original"])
+    assert torch.allclose(out["image"] + out["bone"], item["image"], atol=1e-2)
+
+
+@pytest.mark.parametrize("item,words", [
+    (_item(modality="CT"), "CT"),
+    (_item(shape=(1, 300, 512, 20)), "3-D"),
+    (_item(value=float("nan")), "NaN"),
+    (_item(shape=(1, 64, 512)), "px"),
+])
+def test_stage_refuses(tiny_models, item, words):
+    with pytest.raises(StageError, match=words):
+        BoneSuppression(steps=2, model=str(tiny_models[0]))(item)
