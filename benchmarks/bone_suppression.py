@@ -2,7 +2,7 @@
 
 ``python benchmarks/bone_suppression.py [--quick]``. The shipped row runs the full stage
 (normalise, model-resolution BS-LDM with the model's sampler, bone-layer upsampling) on 1024^2 and 2048^2
-images. The reference row (VQ-GAN 128/256/512/512 channels, UNet 128 base channels, 2 res blocks,
+images. The reference row (VQ-GAN 128/256/512/512 channels, UNet 128 base channels, 8 res blocks,
 multipliers 1,1,2,2,4,4, attention at latent 64/32/16/8, 1000 DDPM steps at 1024^2 -> 128^2
 latent) uses random weights: one or two UNet steps are timed and scaled to 1000; the VQ-GAN
 encode + decode is timed on a tile and scaled by pixel count.
@@ -59,7 +59,7 @@ def reference_unet() -> UNet2DModel:
     attn = ["DownBlock2D"] + ["AttnDownBlock2D"] * 4 + ["DownBlock2D"]
     return UNet2DModel(in_channels=8, out_channels=4, block_out_channels=(128, 128, 256, 256, 512, 512),
                        down_block_types=tuple(attn), up_block_types=tuple(b.replace("Down", "Up") for b in reversed(attn)),
-                       layers_per_block=2, attention_head_dim=64).eval()
+                       layers_per_block=8, attention_head_dim=64).eval()
 
 
 @torch.no_grad()

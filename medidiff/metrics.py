@@ -14,6 +14,11 @@ def mse(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return (out - gt).pow(2).flatten(1).mean(1)
 
 
+def nmse(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Normalised MSE per image, sum((out - gt)^2) / sum(gt^2) (the usual MR reconstruction metric)."""
+    return (out - gt).pow(2).flatten(1).sum(1) / gt.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+
+
 def psnr(out: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB on floats (no uint8 wrap-around)."""
     return 10 * torch.log10(data_range**2 / mse(out, gt).clamp_min(1e-12))

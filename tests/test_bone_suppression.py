@@ -1,5 +1,6 @@
 """BS-LDM end to end on tiny models: trainer, metrics, model loading and the pipeline stage."""
 
+import math
 import textwrap
 import types
 
@@ -10,7 +11,7 @@ from monai.data import MetaTensor
 
 from medidiff.errors import StageError
 from medidiff.methods.bone_suppression import BSLDM
-from medidiff.metrics import bsr
+from medidiff.metrics import bsr, mse, nmse, psnr, ssim
 from medidiff.stages.bone_suppression import BoneSuppression
 from medidiff.train import train
 
@@ -102,6 +103,17 @@ def test_bsr_formula():
     assert bsr(cxr, gt, cxr).item() == pytest.approx(0.75)
     half = cxr * 0.5  # half the bone left, offset off: 1 - 0.5 / 2
     assert bsr(half, gt, cxr, offset=False).item() == pytest.approx(0.75)
+
+
+def test_pixel_metrics_on_a_hand_example():
+    gt = torch.full((1, 1, 2, 2), 0.5)
+    out = gt + torch.tensor([[[[0.1, -0.1], [0.0, 0.0]]]])
+    assert mse(out, gt).item() == pytest.approx(0.005)
+    assert psnr(out, gt).item() == pytest.approx(10 * math.log10(1 / 0.005))
+    assert nmse(out, gt).item() == pytest.approx(0.02 / 1.0)
+    image = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert ssim(image, image).item() == pytest.approx(1.0)
+    assert ssim(image, (image + 0.2 * torch.rand(1, 1, 32, 32)).clamp(0, 1)).item() < 0.95
 
 
 def _item(shape=(1, 300, 512), modality="DX", value=None):

@@ -81,11 +81,6 @@ def metric_names(pipeline: Pipeline, modality: str) -> tuple[str, ...]:
     return GENERIC_METRICS + (("nmse",) if modality.upper() == "MR" else ())
 
 
-def nmse(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Normalised MSE per image, sum((out - gt)^2) / sum(gt^2) (the usual MR reconstruction metric)."""
-    return (out - gt).pow(2).flatten(1).sum(1) / gt.pow(2).flatten(1).sum(1).clamp_min(1e-12)
-
-
 def as_batch(image: torch.Tensor) -> torch.Tensor:
     """(1, cols, rows) -> (1, 1, cols, rows); (1, cols, rows, slices) -> (slices, 1, cols, rows)."""
     image = torch.as_tensor(image).float()
@@ -113,7 +108,7 @@ def compute_metrics(names, output: torch.Tensor, reference: torch.Tensor, origin
         "psnr": lambda: metrics.psnr(out, ref),
         "ssim": lambda: metrics.ssim(out, ref),
         "mse": lambda: metrics.mse(out, ref),
-        "nmse": lambda: nmse(out, ref),
+        "nmse": lambda: metrics.nmse(out, ref),
     }
     return {name: float(functions[name]().mean()) for name in names}
 

@@ -48,13 +48,13 @@ def run(n: int, ddpm_n: int, folder: Path, generator: str) -> list[dict]:
         ("regression UNet", lambda x, _: regression.suppress(x), n),
         ("VQ-GAN oracle: cxr - (D(E(cxr)) - D(E(soft)))", lambda x, s: x - (vq.decode(vq.encode(x)) - vq.decode(vq.encode(s))), n),
         (f"BS-LDM shipped ({method.upper()} {steps})", lambda x, _: ldm.suppress(x), n),
-        ("BS-LDM DDIM 20", lambda x, _: ldm.suppress(x, 20, method="ddim"), n),
-        ("BS-LDM DDIM 20, no thresholding", lambda x, _: ldm.suppress(x, 20, method="ddim", thresholding=False), n),
-        ("BS-LDM DDIM 20, decoded soft (no residual)", lambda x, _: ldm.suppress(x, 20, method="ddim", residual=False), n),
-        ("BS-LDM DDIM 10", lambda x, _: ldm.suppress(x, 10, method="ddim"), n),
-        ("BS-LDM DDIM 50", lambda x, _: ldm.suppress(x, 50, method="ddim"), n),
-        ("BS-LDM DDPM 1000", lambda x, _: ldm.suppress(x, 1000, method="ddpm"), ddpm_n),
-        ("BS-LDM DDPM 1000, no thresholding", lambda x, _: ldm.suppress(x, 1000, method="ddpm", thresholding=False), ddpm_n),
+        ("BS-LDM DDPM 1000 (the reference's sampler)", lambda x, _: ldm.suppress(x, 1000, method="ddpm"), ddpm_n),
+        ("BS-LDM DDPM 20", lambda x, _: ldm.suppress(x, 20, method="ddpm"), n),
+        ("BS-LDM DDPM 10", lambda x, _: ldm.suppress(x, 10, method="ddpm"), n),
+        ("BS-LDM DDIM 50 (deterministic)", lambda x, _: ldm.suppress(x, 50, method="ddim"), n),
+        ("BS-LDM DDIM 20 (deterministic)", lambda x, _: ldm.suppress(x, 20, method="ddim"), n),
+        ("BS-LDM shipped, no adaptive thresholding", lambda x, _: ldm.suppress(x, thresholding=False), n),
+        ("BS-LDM shipped, decoded soft (no residual)", lambda x, _: ldm.suppress(x, residual=False), n),
     ]
     if (folder / "ldm_no_offset.json").exists():
         ablation = BSLDM.from_pretrained(folder, "ldm_no_offset")
