@@ -113,7 +113,7 @@ def test_pixel_metrics_on_a_hand_example():
     assert nmse(out, gt).item() == pytest.approx(0.02 / 1.0)
     image = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert ssim(image, image).item() == pytest.approx(1.0)
-    assert ssim(image, (image + 0.2 * torch.rand(1, 1, 32, 32)).clamp(0, 1)).item() < 0.95
+    assert ssim(image, 1 - image).item() < 0  # anti-correlated structure
 
 
 def _item(shape=(1, 300, 512), modality="DX", value=None):
