@@ -15,6 +15,15 @@ def display_slice(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.T
 
 
+def downsized(array: np.ndarray, max_side: int = 1024) -> np.ndarray:
+    """Block-mean downsizing so the longer side is at most ``max_side`` (panels need no more)."""
+    factor = -(-max(array.shape) // max_side)
+    if factor <= 1:
+        return array
+    rows, cols = (array.shape[0] // factor) * factor, (array.shape[1] // factor) * factor
+    return array[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
+
+
 def percentile_window(array: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> tuple[float, float]:
     """Percentile display window of an array."""
     lo, hi = np.percentile(array, [lower, upper])
@@ -22,20 +31,23 @@ def percentile_window(array: np.ndarray, lower: float = 0.5, upper: float = 99.5
 
 
 def before_after_figure(before, after, *, extra: dict | None = None, titles=("before", "after")):
-    """A matplotlib Figure (no pyplot state; saves anywhere, shows in notebooks): before | after | difference (| extra panels such as the bone layer).
+    """A matplotlib Figure: before | after | difference (| extra panels such as the bone layer).
 
-    Before and after share one window; when their sizes differ the difference is left out.
+    No pyplot state, so it saves anywhere and shows in notebooks. Each image gets its own
+    percentile window; the difference is left out when before and after differ in size.
     """
     from matplotlib.figure import Figure
 
     first, second = display_slice(before), display_slice(after)
+    same_grid = first.shape == second.shape
+    first, second = downsized(first), downsized(second)
     panels = [(titles[0], first, "gray", percentile_window(first)), (titles[1], second, "gray", percentile_window(second))]
-    if first.shape == second.shape:
+    if same_grid:
         diff = second - first
         limit = float(np.percentile(np.abs(diff), 99.5)) or 1.0
         panels.append(("difference (after - before)", diff, "RdBu_r", (-limit, limit)))
     for title, image in (extra or {}).items():
-        array = display_slice(image)
+        array = downsized(display_slice(image))
         panels.append((title, array, "gray", percentile_window(array)))
     fig = Figure(figsize=(4.2 * len(panels), 4.6))
     axes = fig.subplots(1, len(panels), squeeze=False)
