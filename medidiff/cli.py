@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a config in configs/")
     train.add_argument("config", help="training config YAML, e.g. configs/bone_suppression/ldm.yaml")
     train.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    train.add_argument("--run-dir", default=None, help="checkpoint folder (default ~/.cache/medidiff/runs/NAME)")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                        "or ./mlflow.db)")
@@ -143,14 +144,15 @@ def _train(args) -> int:
 
     from medidiff.train import train
 
-    options = {"resume": not args.fresh, "max_minutes": args.max_minutes}
+    options = {"resume": not args.fresh, "max_minutes": args.max_minutes, "out_dir": args.run_dir}
     if args.no_tracking:
         train(args.config, **options)
         return 0
     from medidiff.tracking import training_logger
 
     with training_logger(Path(args.config).stem, args.config, tracking_uri=args.tracking_uri) as log:
-        log.add_model_files(train(args.config, log=log, **options))
+        weights = train(args.config, log=log, **options)
+        log.add_model_files(weights, weights.with_suffix(".json"), weights.parent / "MODEL_CARD.md")
     return 0
 
 

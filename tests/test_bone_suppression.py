@@ -1,6 +1,9 @@
 """BS-LDM end to end on tiny models: trainer, metrics, model loading and the pipeline stage."""
 
 import math
+import os
+import subprocess
+import sys
 import textwrap
 import types
 
@@ -84,6 +87,27 @@ def test_training_resumes(tiny_models, tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
     train(cfg, out_dir=run)  # nothing left to do: resumes at max_steps and re-exports
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
+
+
+def test_cli_training_is_tracked_in_mlflow(tiny_models, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    folder, _ = tiny_models
+    env = os.environ | {"PYTHONPATH": str(folder.parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "medidiff.cli", "train", str(folder.parent / "regression.yaml"), "--fresh",
+         "--run-dir", str(tmp_path / "run"), "--tracking-uri", mlflow_server],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(mlflow_server)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "medidiff-training"]
+    run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'regression'")[0]
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) == 40 and run.data.params["config.kind"] == "regression"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/regression.safetensors", "model/regression.json", "model/MODEL_CARD.md"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/regression.yaml"]
 
 
 def test_bsldm_suppress_shapes(tiny_models):
