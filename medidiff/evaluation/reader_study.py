@@ -27,6 +27,7 @@ import numpy as np
 
 from medidiff.errors import InputError
 from medidiff.evaluation.statistics import Interval, wilson_interval
+from medidiff.io.writers import write_png
 
 PACKAGE = "reader_package"
 KEY_FILE = "key.json"
@@ -85,18 +86,6 @@ class ReaderStudyResult:
         return "\n".join(lines)
 
 
-def _png(image, path: Path) -> None:
-    """A windowed 8-bit greyscale PNG with no text chunks (nothing that could reveal the method)."""
-    from PIL import Image
-
-    from medidiff.display import display_slice, percentile_window
-
-    array = display_slice(image)
-    lo, hi = percentile_window(array)
-    pixels = np.clip((array - lo) / (hi - lo) * 255 + 0.5, 0, 255).astype(np.uint8)
-    Image.fromarray(pixels, mode="L").save(path, format="PNG")
-
-
 def export(
     pipeline, data, out_dir: str | Path, *, baseline: str = "identity", cases: int | None = None,
     include_reference: bool = True, seed: int | None = None,
@@ -133,10 +122,10 @@ def export(
         row = {"reader": "", "trial": trial, "reference": "", "preferred": "", "comment": ""}
         for position, label in enumerate(order, start=1):
             row[f"image_{position}"] = new_id()
-            _png(shown[label], images / f"{row[f'image_{position}']}.png")
+            write_png(shown[label], images / f"{row[f'image_{position}']}.png")
         if include_reference and "reference" in item:
             row["reference"] = new_id()
-            _png(item["reference"], images / f"{row['reference']}.png")
+            write_png(item["reference"], images / f"{row['reference']}.png")
         trials[trial] = {"case": item["source"].key, "image_1": order[0], "image_2": order[1]}
         rows.append(row)
     if not rows:

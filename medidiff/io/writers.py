@@ -92,15 +92,17 @@ def write_nifti(image: torch.Tensor, path: str | Path) -> Path:
 
 
 def write_png(image: torch.Tensor, path: str | Path, *, window: tuple[float, float] | None = None) -> Path:
-    """Write the middle slice as an 8-bit greyscale PNG (rows down); percentile window unless given; atomic."""
-    import matplotlib.image
+    """Write the middle slice as an 8-bit greyscale PNG (rows down; percentile window unless given).
+
+    No text chunks are written (nothing about the method or the patient); atomic.
+    """
+    from PIL import Image
 
     plane = display_slice(image)
     lo, hi = window if window is not None else percentile_window(plane)
-    scaled = np.clip((plane - lo) / max(hi - lo, 1e-12), 0, 1)
+    pixels = np.clip((plane - lo) / max(hi - lo, 1e-12) * 255 + 0.5, 0, 255).astype(np.uint8)
     with atomic_write(path) as tmp:
-        matplotlib.image.imsave(tmp, (scaled * 255).astype(np.uint8), cmap="gray", vmin=0, vmax=255,
-                                format="png")
+        Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
     return Path(path)
 
 
