@@ -152,3 +152,14 @@ def test_cases_whose_output_differs_in_shape_fail():
     resize = Pipeline.from_text("name: r\nstages:\n  - resize_in_plane: {max_size: 32}\n")
     with pytest.raises(InputError, match="2 failed"):
         evaluate(resize, phantom_data(2), track=False)
+
+
+def test_bone_suppression_on_held_out_phantoms_beats_identity(tmp_path, monkeypatch):
+    from medidiff.evaluation.datasets import load_data
+
+    monkeypatch.chdir(tmp_path)
+    pipeline = Pipeline.from_yaml("bone-suppression")
+    result = evaluate(pipeline, load_data("synthetic-cxr:test:3:256"), baseline="identity", track=False)
+    assert set(result.metrics) == {"bsr", "psnr", "ssim", "mse"} and len(result.cases) == 3
+    assert result.metrics["bsr"].estimate > 0.8 > result.baseline_metrics["bsr"].estimate
+    assert result.comparison["psnr"].difference.low > 0

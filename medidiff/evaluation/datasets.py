@@ -35,7 +35,7 @@ class SyntheticSource:
     modality: str = "DX"
     body_part: str = "CHEST"
     view_position: str = "PA"
-    image_type: tuple[str, ...] = ("DERIVED", "SECONDARY")
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")  # as the DX writer marks a simulated radiograph
     frames: int = 1
     series_description: str = "synthetic chest phantom"
 
