@@ -60,3 +60,27 @@ def test_tracking_uri_precedence(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert tracking.resolve_tracking_uri() == "http://env:5000"
     assert tracking.resolve_tracking_uri("http://flag:5000") == "http://flag:5000"
+
+
+def test_bone_suppression_runs_from_the_registry(mlflow_server, tmp_path, monkeypatch):
+    import torch
+    from monai.data import MetaTensor
+
+    from medidiff.datasets.chest_phantom import make_pair
+    from medidiff.pipeline import Pipeline
+
+    monkeypatch.setattr(model_registry, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    registered = model_registry.register_model_folder(
+        "bone_suppression_test", model_registry.MODELS_DIR / "bone_suppression"
+    )
+    pipeline = Pipeline.from_text(
+        f"name: bs\nstages:\n  - bone_suppression: {{steps: 5, model: '{registered.uri}'}}\n"
+    )
+    cxr = torch.from_numpy(make_pair(2_000_000, 256)["cxr"]).T[None]
+    source = type("Source", (), {"modality": "DX"})()
+    item = pipeline({"image": MetaTensor(cxr.clone()), "original": MetaTensor(cxr.clone()), "source": source})
+    resolved = model_registry.resolve_model_dir(registered.uri)
+    assert resolved.is_relative_to(tmp_path / "cache")
+    assert model_registry.folder_digest(resolved) == model_registry.folder_digest(model_registry.MODELS_DIR / "bone_suppression")
+    assert item["image"].shape == cxr.shape and float((item["bone"]).abs().mean()) > 0.001
