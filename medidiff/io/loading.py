@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,7 +17,12 @@ from pydicom.pixels import apply_modality_lut
 from medidiff.errors import InputError
 from medidiff.io.discovery import Refusal, SeriesRef, discover, extract_zip
 
-_LOADER = LoadImage(reader=PydicomReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)
+# MONAI's reader probes for the GPU-only nvImageCodec decoder and warns when it is absent; on a CPU
+# machine that is expected, and pydicom's own decoders (pylibjpeg plugins) are used.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    _LOADER = LoadImage(reader=PydicomReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
