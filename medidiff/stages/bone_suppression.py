@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 
 from medidiff.errors import StageError
 from medidiff.io.layout import swap_rows_cols
+from medidiff.stages.basic import check_finite
 from medidiff.stages.registry import register_stage
 
 MODALITIES = ("CR", "DX")
@@ -48,10 +49,7 @@ def _check(image: torch.Tensor, source: object) -> torch.Tensor:
     rows, cols = image.shape[2], image.shape[1]
     if min(rows, cols) < MIN_SIZE or max(rows, cols) > MAX_SIZE:
         raise StageError(f"bone_suppression: image is {rows}x{cols} px; expected {MIN_SIZE}..{MAX_SIZE} px per side")
-    x = swap_rows_cols(image.as_tensor() if isinstance(image, MetaTensor) else image).float()
-    if not torch.isfinite(x).all():
-        raise StageError("bone_suppression: image contains NaN or infinite values; expected finite intensities")
-    return x
+    return swap_rows_cols(image.as_tensor() if isinstance(image, MetaTensor) else image).float()
 
 
 def _percentiles(x: torch.Tensor) -> tuple[float, float]:
@@ -88,7 +86,7 @@ class BoneSuppression:
         return F.interpolate(bone_lr, size=(rows, cols), mode="bicubic", align_corners=False)[0]
 
     def __call__(self, item: dict) -> dict:
-        image = item["image"]
+        image = check_finite(item, "bone_suppression")
         x = _check(image, item.get("source"))
         lo, hi = _percentiles(x)
         with torch.no_grad():
