@@ -1,13 +1,19 @@
-"""Header-only scan of a DICOM source: group files into series, refuse the rest with a reason."""
+"""Header-only scan of a DICOM source: group files into series, refuse the rest with a reason.
+
+Inputs are treated as hostile: every file read is resolved and confined to the input root (symbolic
+links and DICOMDIR references that leave it are refused without naming their target); zips are
+extracted under caps (``medidiff.io.archive``); header text is escaped and capped before anything
+shows it (``medidiff.io.text``); a study whose files carry different PatientIDs is refused whole,
+never merged; headers whose geometry or values would be silently altered are refused with the reason.
+"""
 
 from __future__ import annotations
 
-import atexit
 import logging
-import shutil
-import tempfile
+import math
+import os
+import stat
 import warnings
-import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +26,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medidiff.errors import InputError
+from medidiff.io.archive import Extraction, is_zip
 from medidiff.io.privacy import hash_identifier
+from medidiff.io.text import clean_text, exception_text
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +52,21 @@ PLUGIN_PACKAGES = {
     "pyjpegls": "pyjpegls",
 }
 MAX_PIXELS = 2**31  # larger series are refused as absurd
+MAX_ASPECT = 64  # a longer side over 64x the shorter is a line, not an image (and breaks resizing/panels)
+BITS_ALLOCATED = (8, 16, 32)  # 1-bit (bitmap) and odd sizes are refused
+# ImageOrientationPatient must be two unit vectors at a right angle, within this tolerance.
+ORIENTATION_TOLERANCE = 0.05
+REFUSED_REASON_LIMIT = 300
+PATH_LIMIT = 1024
 
 
 @dataclass
 class SeriesRef:
-    """One image series found on disk (identifiers kept for writing, never logged)."""
+    """One image series found on disk (identifiers kept for writing, never logged).
+
+    Text fields hold header values already made safe to print (``clean_text``); ``root`` is the input
+    root the files are confined to (their relative paths, hashed, name files in shareable messages).
+    """
 
     study_uid: str
     series_uid: str
@@ -64,6 +82,8 @@ class SeriesRef:
     transfer_syntaxes: tuple[str, ...]
     files: list[Path] = field(default_factory=list)
     series_description: str = ""
+    root: Path | None = None
+    keepalive: object = field(default=None, repr=False, compare=False)  # a zip extraction to keep
 
     @property
     def key(self) -> str:
@@ -74,6 +94,10 @@ class SeriesRef:
     def is_3d(self) -> bool:
         """True for a stack of slices or a multi-frame instance (the image gets a slice axis)."""
         return self.frames > 1
+
+    def file_id(self, file: Path) -> str:
+        """The shareable name of one of the files: the salted hash of its path relative to the root."""
+        return file_id(relative_path(file, self.root or file.parent))
 
     def to_public_dict(self) -> dict:
         """A JSON-ready description without patient-identifying information (UIDs hashed)."""
@@ -87,12 +111,53 @@ class SeriesRef:
         }
 
 
+def file_id(relative: str) -> str:
+    """The shareable name of a file: salted hash of its path relative to the input root."""
+    return hash_identifier(f"file:{relative}")
+
+
 @dataclass
 class Refusal:
-    """A file that cannot be used, with a specific human-readable reason."""
+    """A file that cannot be used, with a specific reason (header values in it escaped and capped).
+
+    ``path`` is relative to the input root. Folder and file names often carry patient names, so it is
+    for the operator's own terminal and a local log only: shareable reports use ``to_public_dict()``
+    (the file as a salted hash, ``file_id``). A reason about a second file (``other``, also a relative
+    path; e.g. the file it duplicates) gets that file appended, by hash or by path.
+    """
 
     path: str
     reason: str
+    other: str | None = None
+
+    def __post_init__(self):
+        self.reason = clean_text(self.reason, REFUSED_REASON_LIMIT)
+
+    @property
+    def file_id(self) -> str:
+        return file_id(self.path)
+
+    def public_reason(self) -> str:
+        """The reason with any second file named by its hash."""
+        return self.reason if self.other is None else f"{self.reason}: file {file_id(self.other)}"
+
+    def local_reason(self) -> str:
+        """The reason with any second file named by its (escaped) relative path."""
+        return self.reason if self.other is None else f"{self.reason}: {clean_text(self.other, PATH_LIMIT)}"
+
+    def to_public_dict(self) -> dict:
+        """For report.json/report.txt and the journal: ``{"file": hash, "reason": ...}``, no paths."""
+        return {"file": self.file_id, "reason": self.public_reason()}
+
+    def to_local_dict(self) -> dict:
+        """For the operator's local, non-shared log: the public form plus the escaped relative path."""
+        return {"file": self.file_id, "path": clean_text(self.path, PATH_LIMIT), "reason": self.local_reason()}
+
+    def public_line(self) -> str:
+        return f"file {self.file_id}: {self.public_reason()}"
+
+    def local_line(self) -> str:
+        return f"{clean_text(self.path, PATH_LIMIT)} (file {self.file_id}): {self.local_reason()}"
 
 
 @dataclass
@@ -102,6 +167,7 @@ class Inventory:
     root: Path
     series: list[SeriesRef] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    keepalive: object = field(default=None, repr=False, compare=False)
 
     def summary_rows(self) -> list[tuple[str, ...]]:
         """Table rows (header first) for the CLI; no patient information."""
@@ -125,55 +191,47 @@ class Inventory:
 
 @contextmanager
 def open_source(path: str | Path) -> Iterator[Path]:
-    """Yield a path ``discover`` can scan: a .zip is extracted to a temporary folder removed afterwards."""
+    """Yield a path ``discover`` can scan: a .zip is extracted (``medidiff.io.archive`` caps) to a
+    temporary folder removed on every exit path."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input {path} does not exist")
-    if not (path.is_file() and zipfile.is_zipfile(path)):
+    if not is_zip(path):
         yield path
         return
-    tmp = extract_zip(path)
+    extraction = Extraction(path)
     try:
-        yield tmp
+        yield extraction.path
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def extract_zip(path: Path) -> Path:
-    """Extract ``path`` into a temporary folder that is removed when the process exits."""
-    tmp = Path(tempfile.mkdtemp(prefix="medidiff-zip-"))
-    atexit.register(shutil.rmtree, tmp, True)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for member in zf.infolist():  # refuse path traversal
-                if not (tmp / member.filename).resolve().is_relative_to(tmp.resolve()):
-                    raise InputError(f"zip {path} holds an unsafe path {member.filename!r}")
-            zf.extractall(tmp)
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"zip {path} cannot be read: {exc}") from exc
-    return tmp
+        extraction.close()
 
 
 def discover(path: str | Path) -> Inventory:
-    """Scan a folder (recursively), a single file, a DICOMDIR or a .zip; group images into series."""
+    """Scan a folder (recursively), a single file, a DICOMDIR or a .zip; group images into series.
+
+    A .zip's extraction lives as long as the returned Inventory or any of its SeriesRefs.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"input {path} does not exist")
-    if path.is_file() and zipfile.is_zipfile(path):
-        inventory = discover(extract_zip(path))
-        inventory.root = path
+    if is_zip(path):
+        extraction = Extraction(path)
+        inventory = discover(extraction.path)
+        inventory.root, inventory.keepalive = path, extraction
+        for series in inventory.series:
+            series.keepalive = extraction
         return inventory
     root = path if path.is_dir() else path.parent
     inventory = Inventory(root=path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        if not files:
+        files = _walk(path, inventory.refused)
+        if not files and not inventory.refused:
             raise InputError(f"input folder {path} is empty")
     else:
         files = _dicomdir_files(path, root, inventory.refused) or [path]
     headers = []
     for file in files:
-        header = _read_header(file, _rel(file, root))
+        header = _read_header(file, relative_path(file, root))
         if isinstance(header, Refusal):
             inventory.refused.append(header)
         else:
@@ -182,35 +240,116 @@ def discover(path: str | Path) -> Inventory:
     return inventory
 
 
-def _rel(file: Path, root: Path) -> str:
+def relative_path(file: Path, root: Path) -> str:
+    """``file`` relative to ``root`` (never an absolute path: the name alone if it lies elsewhere)."""
     try:
         return str(file.relative_to(root))
     except ValueError:
-        return str(file)
+        return file.name
+
+
+def _confinement_problem(file: Path, base: Path) -> str | None:
+    """Why ``file`` must not be read (it resolves outside ``base``, is missing or not a regular file)."""
+    target = file.resolve()
+    if not target.is_relative_to(base):
+        return "points outside the input folder (symbolic link or '..'); not followed"
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return "broken symbolic link or missing file" if file.is_symlink() else "missing file"
+    return None if stat.S_ISREG(mode) else "not a regular file (device, FIFO or socket); not read"
+
+
+def _walk(folder: Path, refused: list[Refusal]) -> list[Path]:
+    """Every regular file under ``folder`` whose real path stays inside it; symlinks out are refused."""
+    base = folder.resolve()
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # symlinked folders are listed, not entered
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink() and not (here / name).resolve().is_relative_to(base):
+                refused.append(Refusal(relative_path(here / name, folder),
+                                       "symbolic link to a folder outside the input folder; not followed"))
+        for name in filenames:
+            file = here / name
+            problem = _confinement_problem(file, base)
+            if problem:
+                refused.append(Refusal(relative_path(file, folder), problem))
+            else:
+                files.append(file)
+    return sorted(files)
 
 
 def _dicomdir_files(path: Path, root: Path, refused: list[Refusal]) -> list[Path]:
-    """Files referenced by ``path`` if it is a DICOMDIR (missing ones are refused), else []."""
+    """Files referenced by ``path`` if it is a DICOMDIR, else [].
+
+    Each ReferencedFileID must resolve inside the DICOMDIR's folder; records that leave it (absolute or
+    '..' IDs, symlinks out) and missing files are refused one by one, without naming foreign paths.
+    (``pydicom.fileset.FileSet`` confines too, but refuses the whole DICOMDIR at the first bad record.)
+    """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
         return []
     if "DirectoryRecordSequence" not in ds:
         return []
-    files = []
-    for record in ds.DirectoryRecordSequence:
+    base, files = root.resolve(), []
+    for index, record in enumerate(ds.DirectoryRecordSequence):
         ref = record.get("ReferencedFileID")
-        if ref is None:
+        if not ref:
             continue
-        parts = [ref] if isinstance(ref, str) else list(ref)
-        file = path.parent.joinpath(*parts)
-        if file.is_file():
-            files.append(file)
+        parts = [str(ref)] if isinstance(ref, str) else [str(p) for p in ref]
+        candidate = Path(*parts)
+        if candidate.anchor or ".." in candidate.parts:
+            problem = "points outside the input folder (symbolic link or '..'); not followed"
         else:
-            refused.append(Refusal(_rel(file, root), "referenced by the DICOMDIR but missing"))
+            problem = _confinement_problem(root / candidate, base)
+        if problem is None:
+            files.append(root / candidate)
+        elif "outside" in problem:
+            refused.append(Refusal(relative_path(path, root), f"DICOMDIR record {index + 1}: its file {problem}"))
+        else:
+            refused.append(Refusal(str(candidate), f"referenced by the DICOMDIR but a {problem}"))
     if not files and not refused:
         raise InputError(f"DICOMDIR {path} references no files")
     return files
+
+
+def read_header(file: Path) -> pydicom.Dataset:
+    """The header of ``file`` without pixel data, quietly (loading and writing use it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(file, stop_before_pixels=True, force=True)
+
+
+def transfer_syntax(ds: pydicom.Dataset) -> UID:
+    """The dataset's transfer syntax (implicit VR little endian when it has no file meta)."""
+    meta = getattr(ds, "file_meta", None)
+    return UID(meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian) if meta else
+               pydicom.uid.ImplicitVRLittleEndian)
+
+
+def header_geometry(ds: pydicom.Dataset, frame: int = 0):
+    """ImageOrientationPatient, ImagePositionPatient and PixelSpacing, also from enhanced functional groups."""
+    groups = [ds]
+    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        seq = ds.get(name)
+        if seq:
+            groups.append(seq[min(frame, len(seq) - 1)] if name.startswith("Per") else seq[0])
+
+    def find(keyword, container):
+        for group in groups:
+            if keyword in group:
+                return group[keyword].value
+            inner = group.get(container)
+            if inner and keyword in inner[0]:
+                return inner[0][keyword].value
+        return None
+
+    iop = find("ImageOrientationPatient", "PlaneOrientationSequence")
+    ipp = find("ImagePositionPatient", "PlanePositionSequence")
+    spacing = find("PixelSpacing", "PixelMeasuresSequence") or ds.get("ImagerPixelSpacing")
+    return iop, ipp, spacing
 
 
 def _read(file: Path) -> pydicom.Dataset:
@@ -223,7 +362,7 @@ def _read(file: Path) -> pydicom.Dataset:
             ds = pydicom.dcmread(file, defer_size="64 KB", force=True)
             if "SOPClassUID" not in ds:
                 raise
-            log.debug("%s lacks the DICM preamble but parses as DICOM", file.name)
+            log.debug("a file lacks the DICM preamble but parses as DICOM")
             return ds
 
 
@@ -233,115 +372,198 @@ def _read_header(file: Path, rel: str) -> pydicom.Dataset | Refusal:
         ds = _read(file)
     except InvalidDicomError:
         return Refusal(rel, "not a DICOM file (no DICM preamble)")
-    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+    except OSError as exc:
+        return Refusal(rel, f"cannot be read: {exc.strerror or type(exc).__name__}")
+    except (EOFError, ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
         if file.stat().st_size < 132:
             return Refusal(rel, "not a DICOM file (too short)")
-        return Refusal(rel, f"truncated file: the header cannot be read ({type(exc).__name__}: {exc})"[:300])
+        return Refusal(rel, f"truncated file: the header cannot be read ({exception_text(exc, file)})")
     sop = str(ds.get("SOPClassUID", ""))
     if sop == DICOMDIR_SOP or "DirectoryRecordSequence" in ds:
         return Refusal(rel, "DICOMDIR (a media index, not an image); the images it references are scanned instead")
     if not any(tag in ds for tag in PIXEL_TAGS):
         what = f"{_non_image_kind(sop)}, " if _non_image_kind(sop) else ""
         return Refusal(rel, f"no pixel data (e.g. a structured report or presentation state): {what}"
-                            f"SOP class {UID(sop).name if sop else '(none)'}")
+                            f"SOP class {clean_text(UID(sop).name) if sop else '(none)'}")
     kind = _non_image_kind(sop)
     if kind:
-        return Refusal(rel, f"{UID(sop).name} is {kind}, not an image medidiff processes")
-    return _check_pixels(ds, file, rel)
+        return Refusal(rel, f"{clean_text(UID(sop).name)} is {kind}, not an image medidiff processes")
+    with warnings.catch_warnings():  # pydicom warns about the very values refused here
+        warnings.simplefilter("ignore")
+        problem = _pixel_problem(ds, file) or _value_problem(ds) or _geometry_problem(ds)
+    return Refusal(rel, problem) if problem else ds
 
 
 def _non_image_kind(sop: str) -> str | None:
     return next((kind for prefix, kind in NON_IMAGE_SOP_PREFIXES.items() if sop.startswith(prefix)), None)
 
 
-def _check_pixels(ds: pydicom.Dataset, file: Path, rel: str) -> pydicom.Dataset | Refusal:
-    """Refuse colour, undecodable or truncated pixel data; return ``ds`` when it looks loadable."""
+def _pixel_problem(ds: pydicom.Dataset, file: Path) -> str | None:
+    """Why the pixel data cannot be used (colour, size, bit depth, decoder, truncation), or None."""
     if 0x7FE00010 not in ds:
-        return Refusal(rel, "float pixel data (parametric map) is not supported")
-    photometric = str(ds.get("PhotometricInterpretation", ""))
+        return "float pixel data (parametric map) is not supported"
+    photometric = clean_text(ds.get("PhotometricInterpretation", ""))
     if not photometric:
-        return Refusal(rel, "image header lacks PhotometricInterpretation")
+        return "image header lacks PhotometricInterpretation"
     if photometric not in GREYSCALE or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return Refusal(rel, f"colour image ({photometric}): "
-                            "medidiff processes greyscale images only")
+        return f"colour image ({photometric}): medidiff processes greyscale images only"
     try:
         rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, ValueError, TypeError):
-        return Refusal(rel, "image header lacks a valid Rows, Columns, BitsAllocated or NumberOfFrames")
+        return "image header lacks a valid Rows, Columns, BitsAllocated or NumberOfFrames"
     if min(rows, cols, frames) < 1 or rows * cols * frames > MAX_PIXELS:
-        return Refusal(rel, f"absurd image size {rows}x{cols}x{frames}")
-    syntax = UID(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
-                 if hasattr(ds, "file_meta") else pydicom.uid.ImplicitVRLittleEndian)
-    refusal = _check_decoder(syntax, rel)
-    if refusal:
-        return refusal
+        return f"absurd image size {rows}x{cols}x{frames}"
+    if max(rows, cols) > MAX_ASPECT * min(rows, cols):
+        return (f"image of {rows}x{cols} pixels is a line, not an image: medidiff refuses sides more than "
+                f"{MAX_ASPECT} times longer than the other")
+    if bits not in BITS_ALLOCATED:
+        return (f"{bits}-bit pixel data (BitsAllocated {bits}, e.g. a bitmap overlay or segmentation): "
+                "medidiff processes 8-, 16- and 32-bit greyscale images only")
+    syntax = transfer_syntax(ds)
+    problem = _decoder_problem(syntax)
+    if problem:
+        return problem
     element = ds.get_item(0x7FE00010, keep_deferred=True)
     if not (syntax.is_compressed or syntax.is_deflated) and element.length != 0xFFFFFFFF:
         expected = (rows * cols * frames * bits + 7) // 8
         size = file.stat().st_size
         end = getattr(element, "value_tell", None)
         if element.length < expected:
-            return Refusal(rel, f"truncated file: pixel data holds {element.length} bytes, expected {expected}")
+            return f"truncated file: pixel data holds {element.length} bytes, expected {expected}"
         if end is not None and end + expected > size:
-            return Refusal(rel, f"truncated file: pixel data needs {expected} bytes but the file ends "
-                                f"{max(size - end, 0)} bytes into it")
-    return ds
+            return (f"truncated file: pixel data needs {expected} bytes but the file ends "
+                    f"{max(size - end, 0)} bytes into it")
+    return None
 
 
-def _check_decoder(syntax: UID, rel: str) -> Refusal | None:
-    """A Refusal when no installed plugin can decode ``syntax``."""
+def _decoder_problem(syntax: UID) -> str | None:
+    """Why no installed plugin can decode ``syntax``, or None."""
     if not syntax.is_compressed:
         return None
     from pydicom.pixels import get_decoder
 
+    name = clean_text(syntax.name)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        return Refusal(rel, f"unsupported transfer syntax {syntax.name}: no decoder exists for it in pydicom")
+        return f"unsupported transfer syntax {name}: no decoder exists for it in pydicom"
     if decoder.is_available:
         return None
-    plugins = [name for name in PLUGIN_PACKAGES if name in str(decoder.missing_dependencies)]
+    plugins = [p for p in PLUGIN_PACKAGES if p in str(decoder.missing_dependencies)]
     packages = " or ".join(PLUGIN_PACKAGES[p] for p in plugins) or "a pydicom decoder plugin"
-    return Refusal(rel, f"unsupported transfer syntax {syntax.name}: install {packages} (pip install ...)")
+    return f"unsupported transfer syntax {name}: install {packages} (pip install ...)"
+
+
+def _numbers(value) -> list[float] | None:
+    """``value`` (a DICOM DS/multi-value) as floats, or None when any is not a number."""
+    try:
+        return [float(v) for v in _as_list(value)]
+    except (TypeError, ValueError):
+        return None
+
+
+def _value_problem(ds: pydicom.Dataset) -> str | None:
+    """Why the Modality LUT would silently change the values (a zero or non-finite slope), or None."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        numbers = _numbers(value)
+        if numbers is None or len(numbers) != 1 or not math.isfinite(numbers[0]):
+            return f"{keyword} {_shown(value)} is not a number; the pixel values cannot be trusted"
+        if keyword == "RescaleSlope" and numbers[0] == 0:
+            return "RescaleSlope is 0: every pixel would become RescaleIntercept (a blank image); fix the header"
+    return None
+
+
+def _geometry_problem(ds: pydicom.Dataset) -> str | None:
+    """Why the geometry would be wrong or crash (zero orientation, non-positive spacing), or None.
+
+    An absent PixelSpacing means 1 mm (as in many secondary captures); a present but invalid one is refused.
+    """
+    iop, ipp, spacing = header_geometry(ds)
+    if iop is not None:
+        values = _numbers(iop)
+        if values is None or len(values) != 6 or not all(map(math.isfinite, values)):
+            return "ImageOrientationPatient is not six numbers; the image cannot be placed in space"
+        row, col = np.asarray(values[:3]), np.asarray(values[3:])
+        if (abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE or abs(np.linalg.norm(col) - 1) > ORIENTATION_TOLERANCE
+                or abs(float(row @ col)) > ORIENTATION_TOLERANCE):
+            return (f"ImageOrientationPatient {_shown(iop)} is not two perpendicular unit vectors "
+                    "(e.g. all zeros); the image cannot be placed in space")
+    if ipp is not None:
+        values = _numbers(ipp)
+        if values is None or len(values) != 3 or not all(map(math.isfinite, values)):
+            return "ImagePositionPatient is not three numbers; the image cannot be placed in space"
+    if spacing is not None and spacing != "":
+        values = _numbers(spacing)
+        if values is None or len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+            return (f"pixel spacing {_shown(spacing)} is not two positive numbers; medidiff will "
+                    "not guess the pixel size (fix PixelSpacing/ImagerPixelSpacing)")
+    return None
+
+
+def _shown(value) -> str:
+    """A header value as DICOM writes it (multiple values joined by backslashes), safe to print."""
+    return clean_text("\\".join(str(v) for v in _as_list(value)))
+
+
+def _patient(ds: pydicom.Dataset) -> str:
+    return str(ds.get("PatientID", "") or "")
 
 
 def _group(headers: list[tuple[Path, pydicom.Dataset]], root: Path, refused: list[Refusal]) -> list[SeriesRef]:
-    """Group readable image headers by study/series; refuse duplicates and misfits within a series."""
+    """Group readable image headers by study/series; refuse studies mixing patients, duplicates and misfits."""
     groups: dict[tuple[str, str], list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     for file, ds in headers:
         study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
         if not study or not series:
-            refused.append(Refusal(_rel(file, root), "no StudyInstanceUID/SeriesInstanceUID"))
+            refused.append(Refusal(relative_path(file, root), "no StudyInstanceUID/SeriesInstanceUID"))
             continue
         groups[(study, series)].append((file, ds))
+    _refuse_mixed_patients(groups, root, refused)
     result = []
     for (study, series), members in groups.items():
         kept = _dedupe(members, root, refused)
         first = kept[0][1]
         frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in kept)
         result.append(SeriesRef(
-            study_uid=study, series_uid=series,
-            patient_hash=hash_identifier(str(first.get("PatientID", ""))),
-            modality=str(first.get("Modality", "")), body_part=str(first.get("BodyPartExamined", "")),
-            image_type=tuple(str(v) for v in _as_list(first.get("ImageType", []))),
-            view_position=str(first.get("ViewPosition", "")),
+            study_uid=study, series_uid=series, patient_hash=hash_identifier(_patient(first)),
+            modality=clean_text(first.get("Modality", "")), body_part=clean_text(first.get("BodyPartExamined", "")),
+            image_type=tuple(clean_text(v) for v in _as_list(first.get("ImageType", [])) if v is not None),
+            view_position=clean_text(first.get("ViewPosition", "")),
             rows=int(first.Rows), columns=int(first.Columns), frames=frames,
-            photometric=str(first.PhotometricInterpretation),
-            transfer_syntaxes=tuple(sorted({UID(_syntax(ds)).name for _, ds in kept})),
-            files=[f for f, _ in kept], series_description=str(first.get("SeriesDescription", "")),
+            photometric=clean_text(first.PhotometricInterpretation),
+            transfer_syntaxes=tuple(sorted({clean_text(transfer_syntax(ds).name) for _, ds in kept})),
+            files=[f for f, _ in kept], series_description=clean_text(first.get("SeriesDescription", "")),
+            root=root,
         ))
     return sorted(result, key=lambda s: (s.study_uid, s.files[0]))
 
 
+def _refuse_mixed_patients(groups: dict, root: Path, refused: list[Refusal]) -> None:
+    """Remove from ``groups`` every study whose files carry more than one PatientID, refusing its files.
+
+    Output folders and the journal are keyed by study and series: one patient per study keeps them apart.
+    """
+    patients_of_study: dict[str, set[str]] = defaultdict(set)
+    for (study, _), members in groups.items():
+        patients_of_study[study] |= {_patient(ds) for _, ds in members}
+    for (study, series) in [key for key in groups if len(patients_of_study[key[0]]) > 1]:
+        members = groups.pop((study, series))
+        in_series = len({_patient(ds) for _, ds in members})
+        if in_series > 1:
+            reason = (f"its series mixes {in_series} patients: files with different PatientIDs share one "
+                      "StudyInstanceUID and SeriesInstanceUID; the whole series is refused, never merged")
+        else:
+            reason = (f"its study mixes {len(patients_of_study[study])} patients: series with different "
+                      "PatientIDs share one StudyInstanceUID; the whole study is refused, never merged")
+        refused.extend(Refusal(relative_path(file, root), reason) for file, _ in members)
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
-
-
-def _syntax(ds: pydicom.Dataset) -> str:
-    meta = getattr(ds, "file_meta", None)
-    return str(meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)) if meta else \
-        pydicom.uid.ImplicitVRLittleEndian
 
 
 def _dedupe(members, root: Path, refused: list[Refusal]):
@@ -350,10 +572,10 @@ def _dedupe(members, root: Path, refused: list[Refusal]):
     kept, seen = [], {}
     size = (int(members[0][1].Rows), int(members[0][1].Columns))
     for file, ds in members:
-        rel = _rel(file, root)
+        rel = relative_path(file, root)
         sop = str(ds.get("SOPInstanceUID", file))
         if sop in seen:
-            refused.append(Refusal(rel, f"duplicate of {seen[sop]} (same SOPInstanceUID)"))
+            refused.append(Refusal(rel, "duplicate of another file (same SOPInstanceUID)", seen[sop]))
         elif (int(ds.Rows), int(ds.Columns)) != size:
             refused.append(Refusal(rel, f"size {ds.Rows}x{ds.Columns} differs from the rest of its series "
                                         f"({size[0]}x{size[1]})"))
@@ -361,9 +583,10 @@ def _dedupe(members, root: Path, refused: list[Refusal]):
             seen[sop] = rel
             kept.append((file, ds))
     if len(kept) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in kept):
+        first = relative_path(kept[0][0], root)
         for file, _ in kept[1:]:
-            refused.append(Refusal(_rel(file, root), "another instance of a multi-frame series; only "
-                                                      f"{_rel(kept[0][0], root)} is used"))
+            refused.append(Refusal(relative_path(file, root),
+                                   "another instance of a multi-frame series; only one is used", first))
         return kept[:1]
     positions = [_slice_position(ds) for _, ds in kept]
     if len(kept) > 1 and all(p is not None for p in positions):
@@ -371,8 +594,8 @@ def _dedupe(members, root: Path, refused: list[Refusal]):
         unique = []
         for i in order:
             if unique and abs(positions[i] - positions[unique[-1]]) < 1e-4:
-                refused.append(Refusal(_rel(kept[i][0], root), "same slice position as "
-                                                                f"{_rel(kept[unique[-1]][0], root)}"))
+                refused.append(Refusal(relative_path(kept[i][0], root), "same slice position as another file",
+                                       relative_path(kept[unique[-1]][0], root)))
             else:
                 unique.append(i)
         return [kept[i] for i in unique]
@@ -389,4 +612,3 @@ def _slice_position(ds: pydicom.Dataset) -> float | None:
     if iop.shape != (6,) or ipp.shape != (3,):
         return None
     return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
-

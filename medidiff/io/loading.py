@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ from monai.transforms import LoadImage
 from pydicom.pixels import apply_modality_lut
 
 from medidiff.errors import InputError
-from medidiff.io.discovery import Refusal, SeriesRef, discover, extract_zip
+from medidiff.io.discovery import Refusal, SeriesRef, discover, header_geometry, read_header
+from medidiff.io.text import exception_text
 
 # MONAI's reader probes for the GPU-only nvImageCodec decoder and warns when it is absent; on a CPU
 # machine that is expected, and pydicom's own decoders (pylibjpeg plugins) are used.
@@ -35,13 +35,13 @@ def load_series(series: SeriesRef) -> MetaTensor:
     axis in the wrong place). The affine is always built here from the DICOM geometry (MONAI's reader
     ignores PixelSpacing when ImageOrientationPatient is absent, as in CR/DX). MONOCHROME1 images are
     inverted over their representable range; ``meta["medidiff_inverted"]`` and ``meta["medidiff_range"]``
-    let the writer restore them.
+    let the writer restore them. Errors name files by ``series.file_id`` (a salted hash), never by path.
     """
-    headers = [_header(f) for f in series.files]
-    volume = np.concatenate([_pixels(f, ds) for f, ds in zip(series.files, headers, strict=True)], axis=-1)
+    headers = [read_header(f) for f in series.files]
+    volume = np.concatenate([_pixels(series, f, ds) for f, ds in zip(series.files, headers, strict=True)], axis=-1)
     first = headers[0]
     if not np.isfinite(volume).all():
-        raise InputError(f"{series.files[0]}: pixel data holds NaN or infinite values")
+        raise InputError(f"series {series.key}: pixel data holds NaN or infinite values")
     meta: dict = {"filename_or_obj": str(series.files[0]), "medidiff_inverted": False}
     if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         lo, hi = _value_range(first)
@@ -70,7 +70,10 @@ def load_item(series: SeriesRef) -> dict:
 
 
 class Study:
-    """A notebook-friendly view of a source: ``study[i]`` loads series ``i``; the repr has no PHI."""
+    """A notebook-friendly view of a source: ``study[i]`` loads series ``i``; the repr has no PHI.
+
+    A .zip's temporary extraction lives as long as the Study (or its series) and is then removed.
+    """
 
     def __init__(self, series: list[SeriesRef], refused: list[Refusal], root: Path):
         self.series, self.refused, self.root = series, refused, root
@@ -112,21 +115,11 @@ class Study:
 
 def load_study(path: str | Path) -> Study:
     """Discover ``path`` (folder, file, DICOMDIR or .zip) and return a lazily loading ``Study``."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"input {path} does not exist")
-    root = extract_zip(path) if path.is_file() and zipfile.is_zipfile(path) else path
-    inventory = discover(root)
-    return Study(inventory.series, inventory.refused, path)
+    inventory = discover(path)
+    return Study(inventory.series, inventory.refused, Path(path))
 
 
-def _header(file: Path) -> pydicom.Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(file, stop_before_pixels=True, force=True)
-
-
-def _pixels(file: Path, ds: pydicom.Dataset) -> np.ndarray:
+def _pixels(series: SeriesRef, file: Path, ds: pydicom.Dataset) -> np.ndarray:
     """Pixel values of one file in modality units, shaped ``(cols, rows, frames)``."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
@@ -140,7 +133,8 @@ def _pixels(file: Path, ds: pydicom.Dataset) -> np.ndarray:
         full = pydicom.dcmread(file, force=True)
         array = apply_modality_lut(full.pixel_array, full).astype(np.float32)
     except Exception as exc:
-        raise InputError(f"{file}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"series {series.key}, file {series.file_id(file)}: pixel data cannot be decoded "
+                         f"({exception_text(exc, file)})") from exc
     array = array.reshape(frames, int(ds.Rows), int(ds.Columns))
     return np.transpose(array, (2, 1, 0))
 
@@ -148,36 +142,15 @@ def _pixels(file: Path, ds: pydicom.Dataset) -> np.ndarray:
 def _value_range(ds: pydicom.Dataset) -> tuple[float, float]:
     """The representable range of stored values, in modality units."""
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)):
-        stored = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    else:
-        stored = (0, 2**bits - 1)
+    stored = stored_range(bits, bool(int(ds.get("PixelRepresentation", 0))))
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     values = sorted(v * slope + intercept for v in stored)
     return float(values[0]), float(values[1])
 
 
-def _geometry(ds: pydicom.Dataset, frame: int = 0):
-    """ImageOrientationPatient, ImagePositionPatient and PixelSpacing, also from enhanced functional groups."""
-    groups = [ds]
-    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        seq = ds.get(name)
-        if seq:
-            groups.append(seq[min(frame, len(seq) - 1)] if name.startswith("Per") else seq[0])
-
-    def find(keyword, container):
-        for group in groups:
-            if keyword in group:
-                return group[keyword].value
-            inner = group.get(container)
-            if inner and keyword in inner[0]:
-                return inner[0][keyword].value
-        return None
-
-    iop = find("ImageOrientationPatient", "PlaneOrientationSequence")
-    ipp = find("ImagePositionPatient", "PlanePositionSequence")
-    spacing = find("PixelSpacing", "PixelMeasuresSequence") or ds.get("ImagerPixelSpacing")
-    return iop, ipp, spacing
+def stored_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The smallest and largest stored value of ``bits``-bit pixels."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def dicom_affine(headers: list[pydicom.Dataset], slices: int) -> np.ndarray:
@@ -186,10 +159,8 @@ def dicom_affine(headers: list[pydicom.Dataset], slices: int) -> np.ndarray:
     Irregularly spaced slices get the mean step (as MONAI does); the writer keeps their true positions.
     """
     first = headers[0]
-    iop, ipp, spacing = _geometry(first)
+    iop, ipp, spacing = header_geometry(first)  # discovery refused invalid values; absent spacing means 1 mm
     dr, dc = (float(v) for v in spacing) if spacing else (1.0, 1.0)
-    if not (dr > 0 and dc > 0):
-        dr, dc = 1.0, 1.0
     if iop is None or ipp is None:
         depth = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1)) or 1)
         return np.diag([dc, dr, depth, 1.0])
@@ -197,7 +168,7 @@ def dicom_affine(headers: list[pydicom.Dataset], slices: int) -> np.ndarray:
     origin = np.asarray(ipp, float)
     normal = np.cross(row_dir, col_dir)
     if slices > 1:
-        last = (_geometry(headers[-1])[1] if len(headers) > 1 else _geometry(first, slices - 1)[1])
+        last = (header_geometry(headers[-1])[1] if len(headers) > 1 else header_geometry(first, slices - 1)[1])
         step = (np.asarray(last, float) - origin) / (slices - 1) if last is not None else normal
         if not np.linalg.norm(step) > 0:
             step = normal * float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1)) or 1)

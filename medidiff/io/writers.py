@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,8 @@ from pydicom.valuerep import format_number_as_ds
 from medidiff.display import before_after_figure, display_slice, percentile_window
 from medidiff.errors import OutputError
 from medidiff.io.atomic import atomic_dir, atomic_write
-from medidiff.io.discovery import SeriesRef
-from medidiff.io.loading import dicom_affine
+from medidiff.io.discovery import SeriesRef, read_header, transfer_syntax
+from medidiff.io.loading import dicom_affine, stored_range
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # IODs whose Modality LUT is fixed to identity (RescaleSlope 1, RescaleIntercept 0) or absent.
@@ -49,7 +48,7 @@ def write_derived_dicom(
     the source's rescale when the values fit and choosing a new one otherwise. Returns the written paths.
     """
     volume = _volume(image)
-    headers = [_read_header(f) for f in source.files]
+    headers = [read_header(f) for f in source.files]
     meta = getattr(image, "meta", {}) or {}
     if meta.get("medidiff_inverted"):
         lo, hi = meta["medidiff_range"]
@@ -139,12 +138,6 @@ def _affine_of(image) -> np.ndarray:
     return np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
 
 
-def _read_header(file: Path) -> Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(file, stop_before_pixels=True, force=True)
-
-
 def _bits(header: Dataset) -> tuple[int, int, int]:
     """(BitsAllocated, BitsStored, PixelRepresentation) for the output: the source's if 8/16-bit, else 16."""
     allocated = int(header.get("BitsAllocated", 16))
@@ -162,7 +155,7 @@ def _ds(value: float) -> float:
 def _quantise(volume: np.ndarray, header: Dataset) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Stored integer values for ``volume`` and the (slope, intercept) to write (None: write none)."""
     _, bits, signed = _bits(header)
-    smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    smin, smax = stored_range(bits, bool(signed))
     has_rescale = "RescaleSlope" in header
     slope = float(header.get("RescaleSlope", 1) or 1)
     intercept = float(header.get("RescaleIntercept", 0) or 0)
@@ -229,13 +222,8 @@ def _series_laterality(ds: Dataset) -> None:
         del ds.Laterality
 
 
-def _syntax(ds: Dataset) -> str:
-    meta = getattr(ds, "file_meta", None)
-    return str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)) if meta else ExplicitVRLittleEndian
-
-
 def _lossy(ds: Dataset) -> bool:
-    syntax = pydicom.uid.UID(_syntax(ds))
+    syntax = transfer_syntax(ds)
     return syntax.is_compressed and syntax not in (
         pydicom.uid.RLELossless, pydicom.uid.JPEGLossless, pydicom.uid.JPEGLosslessSV1,
         pydicom.uid.JPEGLSLossless, pydicom.uid.JPEG2000Lossless)
