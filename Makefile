@@ -10,7 +10,7 @@ DEMO_OUT := medidiff-out/demo
 setup: $(VENV)/.installed
 
 # torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0

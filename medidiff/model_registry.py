@@ -1,21 +1,21 @@
-"""Shipped model folders (models/<name>/) in the MLflow model registry, and back.
+"""Shipped model folders (``medidiff.resources.model_dir(name)``) in the MLflow model registry, and back.
 
 ``register_model_folder("bone_suppression")`` logs the folder as the artifacts of a small pyfunc
 model and registers it; stages take a model spec that :func:`resolve_model_dir` turns into a local
-folder: ``"default"``/``""`` -> the shipped folder, a path -> itself, ``models:/<name>/<version>`` ->
-the registered files, downloaded once into ``~/.cache/medidiff/models/<registry>/<name>/<version>``.
+folder: ``"default"``/``""`` -> the stage's shipped folder, a path -> itself, ``models:/<name>/<version>``
+-> the registered files, downloaded once into ``~/.cache/medidiff/models/<registry>/<name>/<version>``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from medidiff.errors import InputError
+from medidiff.io.atomic import atomic_dir
+from medidiff.resources import model_dir
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 CACHE_DIR = Path("~/.cache/medidiff/models")
 ARTIFACT_KEY = "model_dir"
 
@@ -61,12 +61,12 @@ def register_model_folder(
     name: str, folder: str | Path | None = None, *, tracking_uri: str | None = None,
     experiment: str = "medidiff-models",
 ) -> RegisteredModel:
-    """Log ``folder`` (default models/<name>/) as a pyfunc model and register it as ``name``."""
+    """Log ``folder`` (default: the shipped folder ``name``) as a pyfunc model and register it as ``name``."""
     import mlflow
 
     from medidiff import tracking
 
-    folder = Path(folder) if folder else MODELS_DIR / name
+    folder = Path(folder) if folder else model_dir(name)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise InputError(f"model folder {folder} does not exist or is empty")
     tracking.setup(tracking_uri, experiment)
@@ -85,11 +85,14 @@ def register_model_folder(
     return RegisteredModel(name, version, run.info.run_id, f"models:/{name}/{version}")
 
 
-def resolve_model_dir(spec: str, *, default_name: str = "bone_suppression", tracking_uri: str | None = None) -> Path:
-    """A local model folder for ``spec``: ``"default"``/``""`` (models/<default_name>/), a path, or
-    ``models:/<name>/<version>`` (downloaded from the registry once, then cached)."""
+def resolve_model_dir(spec: str, *, default_name: str | None = None, tracking_uri: str | None = None) -> Path:
+    """A local model folder for ``spec``: ``"default"``/``""`` (the shipped folder ``default_name``, which
+    the calling stage names), a path, or ``models:/<name>/<version>`` (downloaded once, then cached)."""
     if spec in ("", "default"):
-        return MODELS_DIR / default_name
+        if default_name is None:
+            raise InputError(f"model spec {spec!r} names a stage's shipped model; give a folder or "
+                             "models:/<name>/<version>")
+        return model_dir(default_name)
     if not spec.startswith("models:/"):
         path = Path(spec).expanduser()
         if not path.is_dir():
@@ -116,15 +119,8 @@ def _download(spec: str, target: Path, tracking_uri: str | None) -> None:
     from medidiff import tracking
 
     tracking.setup(tracking_uri)
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_dir(target) as partial:
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(partial))
         except Exception as exc:  # the registry says why (unknown name/version, unreachable server)
             raise InputError(f"cannot download model {spec}: {exc}") from None
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)

@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from medidiff.errors import PipelineError, StageError
+from medidiff.resources import pipeline_file, pipelines_dir
 
-PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 SELECT_KEYS = {"modality", "body_part", "image_type", "view_position", "min_size", "dimensions"}
 OUTPUT_KEYS = {"dicom", "nifti", "png"}
 TOP_KEYS = {"name", "description", "select", "stages", "outputs"}
@@ -102,7 +102,7 @@ class Pipeline:
 
     @classmethod
     def from_yaml(cls, path_or_name: str | Path) -> Pipeline:
-        """Load a pipeline from a YAML file or a built-in name (a file in pipelines/)."""
+        """Load a pipeline from a YAML file or a built-in name (see :func:`resolve_pipeline_path`)."""
         path = resolve_pipeline_path(path_or_name)
         return cls.from_text(path.read_text(encoding="utf-8"), source=str(path))
 
@@ -147,16 +147,16 @@ def apply_stage(stage: Callable, item: dict) -> dict:
 
 
 def resolve_pipeline_path(path_or_name: str | Path) -> Path:
-    """A pipeline file path, or pipelines/<name>.yaml for a built-in name."""
+    """A pipeline file path, or the built-in pipeline file for a name (``medidiff.resources``)."""
     path = Path(path_or_name)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise PipelineError(f"pipeline file {path} does not exist")
         return path
-    builtin = PIPELINES_DIR / f"{path_or_name}.yaml"
+    builtin = pipeline_file(str(path_or_name))
     if builtin.is_file():
         return builtin
-    known = ", ".join(p.stem for p in sorted(PIPELINES_DIR.glob("*.yaml")))
+    known = ", ".join(p.stem for p in sorted(pipelines_dir().glob("*.yaml")))
     raise PipelineError(f"no pipeline file or built-in pipeline named {path_or_name!r}; built-in: {known}")
 
 

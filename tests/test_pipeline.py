@@ -3,11 +3,12 @@
 import pytest
 
 from medidiff.errors import PipelineError
-from medidiff.pipeline import PIPELINES_DIR, Pipeline, Selection
+from medidiff.pipeline import Pipeline, Selection
+from medidiff.resources import pipelines_dir
 
 
 def test_builtin_pipelines_parse():
-    names = [p.stem for p in PIPELINES_DIR.glob("*.yaml")]
+    names = [p.stem for p in pipelines_dir().glob("*.yaml")]
     assert "normalize-preview" in names
     for name in names:
         pipeline = Pipeline.from_yaml(name)

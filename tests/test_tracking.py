@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 from medidiff import model_registry, tracking
 from medidiff.cli import main
 from medidiff.errors import InputError
+from medidiff.resources import model_dir
 
 
 def test_register_and_resolve(mlflow_server, tmp_path, monkeypatch, capsys):
@@ -28,8 +29,10 @@ def test_register_and_resolve(mlflow_server, tmp_path, monkeypatch, capsys):
 
 
 def test_resolve_local_specs(tmp_path):
-    assert model_registry.resolve_model_dir("") == model_registry.MODELS_DIR / "bone_suppression"
-    assert model_registry.resolve_model_dir("default", default_name="x") == model_registry.MODELS_DIR / "x"
+    with pytest.raises(InputError, match="shipped model"):
+        model_registry.resolve_model_dir("")
+    assert model_registry.resolve_model_dir("", default_name="bone_suppression") == model_dir("bone_suppression")
+    assert model_registry.resolve_model_dir("default", default_name="x") == model_dir("x")
     assert model_registry.resolve_model_dir(str(tmp_path)) == tmp_path
     with pytest.raises(InputError):
         model_registry.resolve_model_dir(str(tmp_path / "missing"))
@@ -72,7 +75,7 @@ def test_bone_suppression_runs_from_the_registry(mlflow_server, tmp_path, monkey
     monkeypatch.setattr(model_registry, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     registered = model_registry.register_model_folder(
-        "bone_suppression_test", model_registry.MODELS_DIR / "bone_suppression"
+        "bone_suppression_test", model_dir("bone_suppression")
     )
     pipeline = Pipeline.from_text(
         f"name: bs\nstages:\n  - bone_suppression: {{steps: 5, model: '{registered.uri}'}}\n"
@@ -82,5 +85,5 @@ def test_bone_suppression_runs_from_the_registry(mlflow_server, tmp_path, monkey
     item = pipeline({"image": MetaTensor(cxr.clone()), "original": MetaTensor(cxr.clone()), "source": source})
     resolved = model_registry.resolve_model_dir(registered.uri)
     assert resolved.is_relative_to(tmp_path / "cache")
-    assert model_registry.folder_digest(resolved) == model_registry.folder_digest(model_registry.MODELS_DIR / "bone_suppression")
+    assert model_registry.folder_digest(resolved) == model_registry.folder_digest(model_dir("bone_suppression"))
     assert item["image"].shape == cxr.shape and float((item["bone"]).abs().mean()) > 0.001

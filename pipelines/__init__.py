@@ -1,0 +1,1 @@
+"""Built-in pipeline files, installed as the package data of ``medidiff.builtin_pipelines``."""
