@@ -1,0 +1,3 @@
+"""Radiograph physics: cone-beam projection of voxel volumes (``projection``), X-ray spectra,
+attenuation, scatter and detector (``xray``), and the display processing of CR/DX systems
+(``processing``)."""
