@@ -14,7 +14,8 @@ A pipeline file::
       dicom: {series_description: "medidiff normalized"}
       png: {panel: true}
 
-Every error names the file, the key and the line at fault.
+Every error names the file, the key and the line at fault. Loading also checks every stage
+parameter (names, types and values: each stage is built once, see ``medidiff.stages.registry``).
 """
 
 from __future__ import annotations
@@ -73,18 +74,26 @@ class Selection:
 
 @dataclass(frozen=True)
 class StageCall:
-    """One configured stage: its name (registry name or import path), parameters and line."""
+    """One configured stage: its name (registry name or import path), parameters and lines."""
 
     name: str
     params: dict[str, Any]
     line: int
+    param_lines: dict[str, int] = field(default_factory=dict)
 
     def build(self) -> Callable:
-        """Instantiate the stage (a callable item -> item)."""
+        """Check the parameters and instantiate the stage (a callable item -> item)."""
+        from medidiff.stages.registry import ParameterError, check_parameter_types
+
         factory = _resolve_factory(self.name, self.line)
+        _check_names(self, factory)
         try:
+            check_parameter_types(factory, self.params)
             return factory(**self.params)
-        except (TypeError, ValueError) as exc:
+        except ParameterError as exc:
+            line = self.param_lines.get(exc.key, self.line)
+            raise PipelineError(f"line {line}: stage {self.name!r}: {exc}") from None
+        except (TypeError, ValueError, StageError) as exc:
             raise PipelineError(f"line {self.line}: stage {self.name!r}: {exc}") from None
 
 
@@ -116,9 +125,11 @@ class Pipeline:
         if not isinstance(root, yaml.MappingNode):
             raise PipelineError(f"{source}: a pipeline file must be a mapping with 'name' and 'stages'")
         try:
-            return _parse(root, source, text)
+            pipeline = _parse(root, source, text)
+            pipeline._built = pipeline.build()
         except PipelineError as exc:
             raise PipelineError(f"{source}: {exc}") from None
+        return pipeline
 
     @property
     def digest(self) -> str:
@@ -223,18 +234,17 @@ def _parse_stages(node: yaml.Node) -> list[StageCall]:
     calls = []
     for entry in node.value:
         if isinstance(entry, yaml.ScalarNode):
-            name, params, line = entry.value, {}, _line(entry)
-        else:
-            items = _mapping(entry, "a stage entry")
-            if len(items) != 1:
-                raise PipelineError(f"line {_line(entry)}: a stage entry is one 'name: {{parameters}}' pair")
-            ((name, (knode, vnode)),) = items.items()
-            params = _value(vnode) or {}
-            line = _line(knode)
-            if not isinstance(params, dict):
-                raise PipelineError(f"line {_line(vnode)}: parameters of stage {name!r} must be a mapping")
-        _check_params(name, params, line)
-        calls.append(StageCall(name, params, line))
+            calls.append(StageCall(entry.value, {}, _line(entry)))
+            continue
+        items = _mapping(entry, "a stage entry")
+        if len(items) != 1:
+            raise PipelineError(f"line {_line(entry)}: a stage entry is one 'name: {{parameters}}' pair")
+        ((name, (knode, vnode)),) = items.items()
+        params = _value(vnode) or {}
+        if not isinstance(params, dict):
+            raise PipelineError(f"line {_line(vnode)}: parameters of stage {name!r} must be a mapping")
+        lines = {k.value: _line(k) for k, _ in vnode.value} if isinstance(vnode, yaml.MappingNode) else {}
+        calls.append(StageCall(name, params, _line(knode), lines))
     return calls
 
 
@@ -268,8 +278,8 @@ def _resolve_factory(name: str, line: int) -> Callable:
     return factory
 
 
-def _check_params(name: str, params: dict, line: int) -> None:
-    factory = _resolve_factory(name, line)
+def _check_names(call: StageCall, factory: Callable) -> None:
+    """PipelineError for a parameter the factory does not take, or a required one that is missing."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -277,15 +287,15 @@ def _check_params(name: str, params: dict, line: int) -> None:
     accepted = signature.parameters
     if any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
         return
-    for key in params:
+    for key in call.params:
         if key not in accepted:
             raise PipelineError(
-                f"line {line}: stage {name!r} has no parameter {key!r}; "
+                f"line {call.param_lines.get(key, call.line)}: stage {call.name!r} has no parameter {key!r}; "
                 f"parameters: {', '.join(k for k in accepted if k != 'self') or '(none)'}"
             )
     missing = [
         k for k, p in accepted.items()
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in call.params
     ]
     if missing:
-        raise PipelineError(f"line {line}: stage {name!r} needs parameter(s) {', '.join(missing)}")
+        raise PipelineError(f"line {call.line}: stage {call.name!r} needs parameter(s) {', '.join(missing)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from medidiff.errors import StageError
-from medidiff.stages.registry import register_stage
+from medidiff.stages.registry import ParameterError, register_stage
 
 
 def check_finite(item: dict, stage: str) -> torch.Tensor:
@@ -29,8 +29,11 @@ class NormalizeIntensity:
     """
 
     def __init__(self, lower_percentile: float = 1.0, upper_percentile: float = 99.0):
-        if not 0 <= lower_percentile < upper_percentile <= 100:
-            raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100")
+        if not 0 <= lower_percentile < 100:
+            raise ParameterError("lower_percentile", lower_percentile, "0 <= lower_percentile < 100")
+        if not lower_percentile < upper_percentile <= 100:
+            raise ParameterError("upper_percentile", upper_percentile,
+                                 f"lower_percentile ({lower_percentile}) < upper_percentile <= 100")
         from monai.transforms import ScaleIntensityRangePercentiles
 
         self._scale = ScaleIntensityRangePercentiles(
@@ -55,7 +58,7 @@ class ResizeInPlane:
 
     def __init__(self, max_size: int = 512):
         if not 16 <= max_size <= 8192:
-            raise ValueError("max_size must be between 16 and 8192")
+            raise ParameterError("max_size", max_size, "16..8192 pixels")
         self.max_size = max_size
 
     def __call__(self, item: dict) -> dict:

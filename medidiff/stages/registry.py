@@ -3,11 +3,18 @@
 A stage is a callable ``item -> item`` built from keyword parameters (a MONAI ``MapTransform`` is
 one). Later modules add stages with :func:`register_stage` without touching the engine.
 
+Parameters are checked when a pipeline file is loaded (exit 2, naming file, line and key): their
+types against the ``__init__`` annotations (int, float, bool, str, list, dict, Literal, ``| None``),
+their values by building the stage, whose ``__init__`` raises :class:`ParameterError` for a bad value
+and must stay cheap (load models on first call, not in ``__init__``).
+
 Example::
 
     @register_stage("clip_intensity", summary="Clip the image to a window.")
     class ClipIntensity:
-        def __init__(self, lower: float = 0.0, upper: float = 1.0): ...
+        def __init__(self, lower: float = 0.0, upper: float = 1.0):
+            if not lower < upper:
+                raise ParameterError("upper", upper, f"a value above lower ({lower})")
         def __call__(self, item: dict) -> dict: ...
 """
 
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +50,47 @@ class StageSpec:
 
 
 _REGISTRY: dict[str, StageSpec] = {}
+_DESCRIPTIONS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                 list: "a list", tuple: "a list", dict: "a mapping", type(None): "null"}
+
+
+class ParameterError(ValueError):
+    """A stage parameter has a bad value; ``key`` names it (the pipeline loader reports its line)."""
+
+    def __init__(self, key: str, value: object, expected: str):
+        super().__init__(f"{key} is {value!r}; expected {expected}")
+        self.key = key
+
+
+def check_parameter_types(factory: Callable, params: dict) -> None:
+    """ParameterError for the first value whose type does not fit the factory's annotation.
+
+    Annotations other than the simple ones (see the module docstring) are not checked.
+    """
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # unresolvable annotations (third-party factories): nothing to check against
+        return
+    for key, value in params.items():
+        expected = _mismatch(hints.get(key, typing.Any), value)
+        if expected:
+            raise ParameterError(key, value, expected)
+
+
+def _mismatch(annotation: object, value: object) -> str | None:
+    """None if ``value`` fits ``annotation`` (or it is not a simple one), else what was expected."""
+    origin = typing.get_origin(annotation) or annotation
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        return None if value in choices else "one of " + ", ".join(map(repr, choices))
+    if origin in (typing.Union, types.UnionType):
+        options = [_mismatch(arg, value) for arg in typing.get_args(annotation)]
+        return None if None in options else " or ".join(options)
+    if origin not in _DESCRIPTIONS:
+        return None
+    accepted = {float: (int, float), tuple: (list, tuple)}.get(origin, origin)
+    fits = isinstance(value, accepted) and not (isinstance(value, bool) and origin in (int, float))
+    return None if fits else _DESCRIPTIONS[origin]
 
 
 def register_stage(name: str, summary: str) -> Callable:
