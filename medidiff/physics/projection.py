@@ -98,7 +98,8 @@ def _planes(depth_mm: float, step_mm: float) -> torch.Tensor:
 def project(volume: torch.Tensor, spacing_mm: tuple[float, float, float], beam: ConeBeam, pose: Pose = Pose(),
             *, depth_mm: float | None = None, step_mm: float = 1.0, displacement: torch.Tensor | None = None,
             chunk: int = 16) -> torch.Tensor:
-    """Line integrals (C, rows, cols) of ``volume`` (C, D, H, W; per-mm values, zero outside).
+    """Line integrals (C, rows, cols) of ``volume`` (C, D, H, W; per-mm values, zero outside), on
+    the volume's device.
 
     ``spacing_mm`` is the voxel size along (z, y, x). Rays are marched over ``depth_mm`` of the
     beam axis centred on the isocentre (default: the volume's diagonal times its largest scale).
@@ -111,14 +112,18 @@ def project(volume: torch.Tensor, spacing_mm: tuple[float, float, float], beam: 
     ys = _planes(depth_mm, step_mm)
     step = depth_mm / len(ys)
     x_det, z_det = _detector_grid(beam)
-    ray_factor = (torch.sqrt(x_det**2 + z_det**2 + beam.sid_mm**2) / beam.sid_mm).float()
+    dev = volume.device
+    ray_factor = (torch.sqrt(x_det**2 + z_det**2 + beam.sid_mm**2) / beam.sid_mm).float().to(dev)
     vol = volume[None].float()
-    total = torch.zeros(volume.shape[0], beam.rows, beam.cols)
+    displacement = None if displacement is None else displacement.to(dev)
+    total = torch.zeros(volume.shape[0], beam.rows, beam.cols, device=dev)
     for start in range(0, len(ys), chunk):
-        grid = _normalised_points(beam, pose, half, ys[start:start + chunk])[None]
-        if displacement is not None:
-            d = F.grid_sample(displacement[None].float(), grid, padding_mode="border", align_corners=True)
-            grid = grid + d[0].permute(1, 2, 3, 0)[None]
+        grid = _normalised_points(beam, pose, half, ys[start:start + chunk])[None].to(dev)
+        if displacement is not None:  # smooth: sampled on every 4th ray, interpolated in between
+            d = F.grid_sample(displacement[None].float(), grid[:, :, ::4, ::4], padding_mode="border",
+                              align_corners=True)[0].transpose(0, 1)
+            d = F.interpolate(d, size=(beam.rows, beam.cols), mode="bilinear", align_corners=False)
+            grid = grid + d.permute(0, 2, 3, 1)[None]
         total += F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0].sum(1)
     return total * ray_factor * step
 
