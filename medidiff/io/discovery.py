@@ -230,13 +230,14 @@ def discover(path: str | Path) -> Inventory:
     else:
         files = _dicomdir_files(path, root, inventory.refused) or [path]
     headers = []
-    for file in files:
-        header = _read_header(file, relative_path(file, root))
-        if isinstance(header, Refusal):
-            inventory.refused.append(header)
-        else:
-            headers.append((file, header))
-    inventory.series = _group(headers, root, inventory.refused)
+    with quiet_pydicom():
+        for file in files:
+            header = _read_header(file, relative_path(file, root))
+            if isinstance(header, Refusal):
+                inventory.refused.append(header)
+            else:
+                headers.append((file, header))
+        inventory.series = _group(headers, root, inventory.refused)
     return inventory
 
 
@@ -315,10 +316,23 @@ def _dicomdir_files(path: Path, root: Path, refused: list[Refusal]) -> list[Path
     return files
 
 
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log lines about sloppy headers (noise here: what matters is refused)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_header(file: Path) -> pydicom.Dataset:
     """The header of ``file`` without pixel data, quietly (loading and writing use it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_pydicom():
         return pydicom.dcmread(file, stop_before_pixels=True, force=True)
 
 
@@ -353,17 +367,15 @@ def header_geometry(ds: pydicom.Dataset, frame: int = 0):
 
 
 def _read(file: Path) -> pydicom.Dataset:
-    """Read everything but large values (deferred), quietly: warnings about sloppy headers are noise here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return pydicom.dcmread(file, defer_size="64 KB")
-        except InvalidDicomError:
-            ds = pydicom.dcmread(file, defer_size="64 KB", force=True)
-            if "SOPClassUID" not in ds:
-                raise
-            log.debug("a file lacks the DICM preamble but parses as DICOM")
-            return ds
+    """Read everything but large values (deferred); the caller silences pydicom."""
+    try:
+        return pydicom.dcmread(file, defer_size="64 KB")
+    except InvalidDicomError:
+        ds = pydicom.dcmread(file, defer_size="64 KB", force=True)
+        if "SOPClassUID" not in ds:
+            raise
+        log.debug("a file lacks the DICM preamble but parses as DICOM")
+        return ds
 
 
 def _read_header(file: Path, rel: str) -> pydicom.Dataset | Refusal:
@@ -388,9 +400,7 @@ def _read_header(file: Path, rel: str) -> pydicom.Dataset | Refusal:
     kind = _non_image_kind(sop)
     if kind:
         return Refusal(rel, f"{clean_text(UID(sop).name)} is {kind}, not an image medidiff processes")
-    with warnings.catch_warnings():  # pydicom warns about the very values refused here
-        warnings.simplefilter("ignore")
-        problem = _pixel_problem(ds, file) or _value_problem(ds) or _geometry_problem(ds)
+    problem = _pixel_problem(ds, file) or _value_problem(ds) or _geometry_problem(ds)
     return Refusal(rel, problem) if problem else ds
 
 

@@ -14,11 +14,14 @@ ELLIPSIS = "..."
 # Unicode categories that move the cursor or reorder text: controls, formats (bidi overrides),
 # line/paragraph separators, surrogates, unassigned code points.
 UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Cn"}
+SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(char: str) -> str:
     if unicodedata.category(char) not in UNSAFE_CATEGORIES:
         return char
+    if char in SHORT_ESCAPES:
+        return SHORT_ESCAPES[char]
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
