@@ -14,7 +14,8 @@ from monai.transforms import LoadImage
 from pydicom.pixels import apply_modality_lut
 
 from medidiff.errors import InputError
-from medidiff.io.discovery import Refusal, SeriesRef, discover, header_geometry, read_header
+from medidiff.io.discovery import Refusal, SeriesRef, discover
+from medidiff.io.headers import header_geometry, read_header
 from medidiff.io.text import exception_text
 
 # MONAI's reader probes for the GPU-only nvImageCodec decoder and warns when it is absent; on a CPU
@@ -42,7 +43,7 @@ def load_series(series: SeriesRef) -> MetaTensor:
     first = headers[0]
     if not np.isfinite(volume).all():
         raise InputError(f"series {series.key}: pixel data holds NaN or infinite values")
-    meta: dict = {"filename_or_obj": str(series.files[0]), "medidiff_inverted": False}
+    meta: dict = {"filename_or_obj": series.file_id(series.files[0]), "medidiff_inverted": False}  # no paths
     if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         lo, hi = _value_range(first)
         volume = (lo + hi) - volume

@@ -17,7 +17,8 @@ from pydicom.valuerep import format_number_as_ds
 from medidiff.display import before_after_figure, display_slice, percentile_window
 from medidiff.errors import OutputError
 from medidiff.io.atomic import atomic_dir, atomic_write
-from medidiff.io.discovery import SeriesRef, read_header, transfer_syntax
+from medidiff.io.discovery import SeriesRef
+from medidiff.io.headers import read_header, transfer_syntax
 from medidiff.io.loading import dicom_affine, stored_range
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
