@@ -166,3 +166,8 @@ def test_training_set_shards_are_whole_and_resumable(tmp_path, small_volumes):
     drr.write_training_set(tmp_path, [3, 4, 5], size=32, shard_size=2, volumes=small_volumes)
     assert paths[0].stat().st_mtime_ns == stamp  # kept, not rewritten
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no partial files
+    pairs = drr.load_pairs(tmp_path, 32)
+    assert list(pairs["seeds"]) == [3, 4, 5] and pairs["bone"].dtype == np.float32
+    np.testing.assert_array_equal(pairs["bone"], pairs["cxr"] - pairs["soft"])
+    with pytest.raises(InputError, match="drr-64"):
+        drr.load_pairs(tmp_path, 64)

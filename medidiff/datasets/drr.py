@@ -52,6 +52,8 @@ CONTRAST_FREE_HU = 60.0  # other voxels above BONE_RIM_HU (contrast agent, stray
 CONTRAST_MAX_HU = 1800.0  # denser than cortical bone: contrast agent, set to CONTRAST_FREE_HU everywhere
 SOFT_TISSUE_HU = (-200.0, 200.0)  # voxels that give a removed bone its local soft-tissue value
 
+DIRECT_BEAM_LOG = 0.5  # log attenuation (~25 mm water) below which a pixel is direct beam, not anatomy
+
 TRAIN_SEEDS = range(0, 100_000)
 VAL_SEEDS = range(1_000_000, 1_001_000)
 TEST_SEEDS = range(2_000_000, 2_001_000)
@@ -255,14 +257,14 @@ def sample_view(seed: int) -> dict:
         "collimation_margin": rng.uniform(0.0, 0.06, 4).tolist(),  # top, bottom, left, right (fraction)
         "collimation_edge_mm": rng.uniform(1.0, 4.0),
         "marker": str(rng.choice(["R", "L", ""], p=[0.4, 0.3, 0.3])),
-        "window_percentiles": (rng.uniform(0.2, 3.0), rng.uniform(98.0, 99.9)),
-        "black_level": rng.uniform(0.0, 0.3),  # window widened below its low percentile (lungs grey)
-        "compression": rng.uniform(0.0, 0.8),
+        "window_percentiles": (rng.uniform(0.5, 5.0), rng.uniform(97.0, 99.8)),  # of the anatomy
+        "black_level": rng.uniform(0.05, 0.3),  # window widened below its low percentile (lungs grey)
+        "compression": rng.uniform(0.3, 0.85),
         "compression_sigma_mm": rng.uniform(10.0, 40.0),
-        "contrast": rng.uniform(0.3, 2.0),
+        "contrast": rng.uniform(0.3, 1.6),
         "midpoint": rng.uniform(0.4, 0.6),
         "gamma": rng.uniform(0.8, 1.25),
-        "unsharp_amount": rng.uniform(0.0, 2.0),
+        "unsharp_amount": rng.uniform(0.0, 1.5),
         "unsharp_sigma_mm": rng.uniform(1.5, 5.0),
         "monochrome1": bool(rng.random() < 0.3),
     }
@@ -319,7 +321,9 @@ def render(view: dict, size: int, volumes: ChestVolumes, noise_seed: int) -> dic
         signal = primary + xray.scatter(primary, open_field, view["scatter_fraction"], view["scatter_sigma_mm"] / px)
         log_images.append(xray.detect(signal, quanta, view["mtf_sigma_mm"] / px, noise, view["electronic_noise"]))
     exposed = log_images[0][open_field > 0.99]
-    lo, hi = np.percentile(exposed, view["window_percentiles"])
+    # histogram analysis as CR/DX systems do: the window comes from the anatomy, not the direct beam
+    anatomy = exposed[exposed > np.percentile(exposed, 0.5) + DIRECT_BEAM_LOG]
+    lo, hi = np.percentile(anatomy if anatomy.size > 100 else exposed, view["window_percentiles"])
     lo -= view["black_level"] * (hi - lo)
     processing = Processing((float(lo), float(hi)), view["compression"], view["compression_sigma_mm"] / px,
                             float(exposed.mean()), view["contrast"], view["midpoint"], view["gamma"],
@@ -369,6 +373,24 @@ def write_training_set(out_dir: Path, seeds: Sequence[int], size: int = 256, sha
                      soft=np.stack([p["soft"] for p in pairs]).astype(np.float16), seeds=np.array(part),
                      meta=np.array(json.dumps([p["meta"] for p in pairs], default=float)))
     return paths
+
+
+def load_pairs(folder: Path, size: int = 256) -> dict[str, np.ndarray]:
+    """All ``drr-<size>-*.npz`` shards of ``folder`` (by first seed) as float32 ``cxr``, ``soft``,
+    ``bone`` (N, size, size) and ``seeds``."""
+    paths = sorted(Path(folder).glob(f"drr-{size}-*-*.npz"), key=lambda p: int(p.stem.split("-")[2]))
+    if not paths:
+        raise InputError(f"no drr-{size}-*.npz shards in {folder}; write them with "
+                         f"`python -m medidiff.datasets.drr write {folder} --size {size}`")
+    parts = {k: [] for k in ("cxr", "soft", "seeds")}
+    for path in paths:
+        with np.load(path) as shard:
+            for k in parts:
+                parts[k].append(shard[k])
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["cxr"], out["soft"] = out["cxr"].astype(np.float32), out["soft"].astype(np.float32)
+    out["bone"] = out["cxr"] - out["soft"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
