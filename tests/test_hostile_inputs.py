@@ -93,6 +93,8 @@ def test_symlinks_out_of_a_folder_input_are_refused_without_naming_the_target(tm
     (tmp_path / "in" / "inside.dcm").symlink_to(tmp_path / "in" / "ct_00.dcm")
     (tmp_path / "in" / "dangling.dcm").symlink_to(tmp_path / "in" / "gone.dcm")
     os.mkfifo(tmp_path / "in" / "pipe.dcm")  # reading it would block forever
+    (tmp_path / "in" / "loop_a.dcm").symlink_to(tmp_path / "in" / "loop_b.dcm")
+    (tmp_path / "in" / "loop_b.dcm").symlink_to(tmp_path / "in" / "loop_a.dcm")
     inventory = discover(tmp_path / "in")
     assert all(secret not in f.resolve().parents for s in inventory.series for f in s.files)
     why = reasons(inventory)
@@ -100,6 +102,7 @@ def test_symlinks_out_of_a_folder_input_are_refused_without_naming_the_target(tm
     assert "duplicate" in why["inside.dcm"]  # followed (inside), then found to be ct_00.dcm again
     assert "broken symbolic link" in why["dangling.dcm"]
     assert "not a regular file" in why["pipe.dcm"]
+    assert "loop" in why["loop_a.dcm"] and "loop" in why["loop_b.dcm"]
     shown = json.dumps([[r.path, r.reason, r.to_local_dict(), r.to_public_dict()] for r in inventory.refused])
     assert "DOE_JANE" not in shown and str(tmp_path) not in shown
 

@@ -220,9 +220,19 @@ def relative_path(file: Path, root: Path) -> str:
         return file.name
 
 
+def _resolved(path: Path) -> Path | None:
+    """The real path of ``path``, or None for a symbolic link loop or an impossible name (NUL byte)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError, ValueError):
+        return None
+
+
 def _confinement_problem(file: Path, base: Path) -> str | None:
     """Why ``file`` must not be read (it resolves outside ``base``, is missing or not a regular file)."""
-    target = file.resolve()
+    target = _resolved(file)
+    if target is None:
+        return "symbolic link loop or impossible file name; not followed"
     if not target.is_relative_to(base):
         return "points outside the input folder (symbolic link or '..'); not followed"
     try:
@@ -244,7 +254,8 @@ def _walk(folder: Path, refused: list[Refusal]) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):  # symlinked folders: not entered
         here = Path(dirpath)
         for name in dirnames:
-            if (here / name).is_symlink() and not (here / name).resolve().is_relative_to(base):
+            target = _resolved(here / name)
+            if (here / name).is_symlink() and not (target and target.is_relative_to(base)):
                 refused.append(Refusal(relative_path(here / name, folder),
                                        "symbolic link to a folder outside the input folder; not followed"))
         for name in filenames:
