@@ -7,7 +7,10 @@ import gc
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import time
 import warnings
 import zipfile
@@ -197,12 +200,17 @@ def test_zip_extraction_is_removed_on_every_exit_and_stale_ones_are_cleaned(tmp_
     del study
     gc.collect()
     assert not folder.exists()
-    dead = own_tmp / "medidiff-zip-999999999-x"  # a pid no process has (above pid_max)
-    alive = own_tmp / f"medidiff-zip-{os.getppid()}-y"
-    for stale in (dead, alive):
-        (stale / "sub").mkdir(parents=True)
-    with open_source(good):
-        assert not dead.exists() and alive.exists()
+    killed = subprocess.run(  # a run killed with SIGKILL mid-way leaves its extraction behind
+        [sys.executable, "-c", "import os, signal, sys; from medidiff.io.discovery import open_source; "
+         "source = open_source(sys.argv[1]); source.__enter__(); os.kill(os.getpid(), signal.SIGKILL)", str(good)],
+        env={**os.environ, "TMPDIR": str(own_tmp)}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = own_tmp.iterdir()
+    assert (left / "a" / "CT_small.dcm").is_file()
+    alive = own_tmp / f"medidiff-zip-{os.getppid()}-y"  # a live process's extraction is kept
+    alive.mkdir()
+    with open_source(good) as root:
+        assert not left.exists() and alive.exists() and root.exists()
 
 
 # --- item 8: header and size crashes become one-line reasons --------------------------------
