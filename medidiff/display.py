@@ -24,9 +24,11 @@ def downsized(array: np.ndarray, max_side: int = 1024) -> np.ndarray:
     return array[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
 
 
-def percentile_window(array: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> tuple[float, float]:
-    """Percentile display window of an array."""
-    lo, hi = np.percentile(array, [lower, upper])
+def percentile_window(array: np.ndarray | torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> tuple[float, float]:
+    """Robust intensity window (lo, hi), hi > lo: the ``lower``/``upper`` percentiles, estimated from a
+    strided subsample of about a million values for large images (display, stage normalisation)."""
+    flat = (array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)).ravel()
+    lo, hi = np.percentile(flat[:: max(1, flat.size // 1_000_000)], [lower, upper])
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 

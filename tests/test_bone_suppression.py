@@ -1,5 +1,6 @@
 """BS-LDM end to end on tiny models: trainer, metrics, model loading and the pipeline stage."""
 
+import json
 import math
 import os
 import subprocess
@@ -11,8 +12,9 @@ import pytest
 import torch
 import yaml
 from monai.data import MetaTensor
+from safetensors.torch import load_file
 
-from medidiff.errors import StageError
+from medidiff.errors import InputError, StageError
 from medidiff.methods.bone_suppression import BSLDM
 from medidiff.metrics import bsr, mse, nmse, psnr, ssim
 from medidiff.stages.bone_suppression import BoneSuppression
@@ -37,20 +39,23 @@ FAKE_GENERATOR = textwrap.dedent('''
 ''')
 
 
-def _config(tmp, kind, model, **train_cfg):
+def _config(tmp, kind, model, name=None, **train_cfg):
     cfg = {
-        "name": f"tiny_{kind}", "kind": kind, "seed": 0, "threads": 2,
+        "name": f"tiny_{kind}", "title": f"tiny {kind} test model", "kind": kind, "seed": 0, "threads": 2,
         "data": {"generator": "fake_phantom", "n_train": 16, "size": 64, "cache_dir": str(tmp / "cache")},
         "model": model,
         "train": {"batch_size": 4, "lr": 3e-3, "max_steps": 4, "log_every": 1, "ema": 0.9, **train_cfg},
-        "export": {"dir": str(tmp / "models"), "name": kind if kind != "vqgan" else "vqgan"},
+        "export": {"name": kind},
     }
     if kind == "ldm":
         cfg.update(vqgan=str(tmp / "models" / "vqgan"), diffusion={"num_train_timesteps": 1000, "offset_noise": 0.1},
                    sampling={"steps": 3, "threshold": {"r0": 1.45, "dr": 0.0025}})
-    path = tmp / f"{kind}.yaml"
+    path = tmp / f"{name or kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+TINY_LDM = {"latent_channels": 4, "channels": [8, 8, 16], "norm_groups": 8, "attention_head_dim": 8}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +66,11 @@ def tiny_models(tmp_path_factory):
     mp.syspath_prepend(str(tmp))
     losses = []
     train(_config(tmp, "regression", {"channels": [4, 8], "strides": [2]}, max_steps=40, crop=32),
-          out_dir=tmp / "run_reg", log=lambda step, m: losses.append(m["loss"]))
+          out_dir=tmp / "run_reg", log=lambda step, m: losses.append(m["loss"]), export_to=tmp / "models")
     train(_config(tmp, "vqgan", {"channels": [4, 8, 8, 8], "latent_channels": 4, "num_codes": 16},
                   adv_start=2, disc_channels=4, crop=32, loss_weights={"l1": 1.0, "ssim": 0.5, "grad": 1.0, "freq": 0.1}),
-          out_dir=tmp / "run_vq")
-    train(_config(tmp, "ldm", {"latent_channels": 4, "channels": [8, 8, 16], "norm_groups": 8, "attention_head_dim": 8}),
-          out_dir=tmp / "run_ldm")
+          out_dir=tmp / "run_vq", export_to=tmp / "models")
+    train(_config(tmp, "ldm", TINY_LDM), out_dir=tmp / "run_ldm", export_to=tmp / "models")
     yield tmp / "models", losses
     mp.undo()
 
@@ -77,16 +81,42 @@ def test_training_lowers_loss_and_exports(tiny_models):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     for name in ("regression", "vqgan", "ldm"):
         assert (folder / f"{name}.safetensors").exists() and (folder / f"{name}.json").exists()
+        assert json.loads((folder / f"{name}.json").read_text())["training"]["title"] == f"tiny {name} test model"
     assert "sha256" in (folder / "MODEL_CARD.md").read_text()
+    # each run folder holds a loadable model and a card titled from its config
+    run = folder.parent / "run_ldm"
+    assert {"ldm.safetensors", "vqgan.safetensors", "checkpoint.pt"} <= {p.name for p in run.iterdir()}
+    assert (run / "MODEL_CARD.md").read_text().startswith("# tiny ldm test model\n")
+    assert BSLDM.from_pretrained(run)(torch.rand(1, 1, 64, 64), 2).shape == (1, 1, 64, 64)
 
 
-def test_training_resumes(tiny_models, tmp_path):
-    folder, _ = tiny_models
-    cfg = folder.parent / "regression.yaml"
-    run = folder.parent / "run_reg"
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
-    train(cfg, out_dir=run)  # nothing left to do: resumes at max_steps and re-exports
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 40
+@pytest.mark.parametrize("kind,model", [("regression", {"channels": [4, 8], "strides": [2]}), ("ldm", TINY_LDM)])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_models, tmp_path, kind, model):
+    tmp = tiny_models[0].parent
+    whole = train(_config(tmp, kind, model, name=f"{kind}_whole", max_steps=6, crop=32), out_dir=tmp_path / "whole")
+    train(_config(tmp, kind, model, name=f"{kind}_part", max_steps=3, crop=32), out_dir=tmp_path / "parts")
+    resumed = train(_config(tmp, kind, model, name=f"{kind}_part", max_steps=6, crop=32), out_dir=tmp_path / "parts")
+    first = train(_config(tmp, kind, model, name=f"{kind}_part", max_steps=3, crop=32), out_dir=tmp_path / "other",
+                  resume=False)
+    a, b, c = load_file(whole), load_file(resumed), load_file(first)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+    assert any(not torch.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in a)  # 3 more steps do change them
+
+
+def test_resuming_with_another_config_is_refused(tiny_models, tmp_path):
+    tmp = tiny_models[0].parent
+    train(_config(tmp, "regression", {"channels": [4, 8], "strides": [2]}, name="first", max_steps=1, crop=32),
+          out_dir=tmp_path)
+    changed = _config(tmp, "regression", {"channels": [4, 16], "strides": [2]}, name="changed", max_steps=2, crop=32)
+    with pytest.raises(InputError, match="differs from the run"):
+        train(changed, out_dir=tmp_path)
+
+
+def test_unknown_kind_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "kind": "nope", "train": {}, "export": {"name": "x"}}))
+    with pytest.raises(InputError, match="bad.yaml: kind: 'nope' is not a training task"):
+        train(path, out_dir=tmp_path / "run")
 
 
 def test_cli_training_is_tracked_in_mlflow(tiny_models, mlflow_server, tmp_path):

@@ -1,10 +1,11 @@
-"""Offset noise, temporal adaptive thresholding, DDIM/DDPM sampling with an x0 clamp."""
+"""Offset noise, temporal adaptive thresholding, DDIM/DDPM sampling with an x0 step hook."""
 
 import pytest
 import torch
 
+from medidiff.diffusion.gaussian import cosine_alphas_cumprod, gaussian_process
 from medidiff.diffusion.offset_noise import offset_noise
-from medidiff.diffusion.sampling import cosine_alphas_cumprod, sample, timesteps
+from medidiff.diffusion.sampling import sample
 from medidiff.diffusion.thresholding import TemporalThreshold
 
 
@@ -42,14 +43,14 @@ def test_sampling_with_clamp_is_finite_and_shaped(method, steps):
         return TemporalThreshold()(x0, i, n)
 
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = sample(lambda x, t: 0.5 * x, noise, alphas, steps, method, clamp, torch.Generator().manual_seed(1))
+    process = gaussian_process(method, alphas, [clamp])
+    process.set_timesteps(steps)
+    out = sample(lambda x, t, c: 0.5 * x, process, noise, generator=torch.Generator().manual_seed(1))
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert seen == [(i, steps) for i in range(steps)]
     assert out.abs().max() <= TemporalThreshold().radius(steps - 1, steps) + 1e-5
 
 
-def test_timesteps_and_schedule():
-    ts = timesteps(10)
-    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 10 and ts == sorted(ts, reverse=True)
+def test_schedule():
     a = cosine_alphas_cumprod(1000)
     assert a[0] > 0.99 and a[-1] < 1e-3 and torch.all(a[1:] < a[:-1])

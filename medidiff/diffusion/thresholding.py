@@ -1,5 +1,6 @@
-"""Temporal adaptive thresholding (BS-LDM sampling): clamp the predicted x0 to [-r, r], r growing
-every step. Early (noisy) steps are held close to the data range, late steps are left freer.
+"""Temporal adaptive thresholding (BS-LDM sampling), a process step hook: clamp the predicted x0 to
+[-r, r], r growing every step. Early (noisy) steps are held close to the data range, late steps
+are left freer.
 
 The reference grows r from ``r0`` by ``dr`` per step over ``ref_steps`` (1000) DDPM steps; with
 fewer steps the growth per step is rescaled so that the final radius is the same.
@@ -14,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class TemporalThreshold:
-    """x0 clamp whose radius grows linearly with the sampling step index."""
+    """x0 step hook whose clamp radius grows linearly with the sampling step index."""
 
     r0: float = 1.45
     dr: float = 0.0025

@@ -1,8 +1,11 @@
-"""BS-LDM model object: VQ-GAN + conditional latent diffusion, loaded from safetensors + JSON.
+"""BS-LDM bone suppression on the method contract: VQ-GAN + conditional latent diffusion.
 
-Conditioning: the noise estimator sees concat[noisy soft-tissue latent, CXR latent]. The CXR
-latent is given unscaled (clean) both in training and at inference (the reference multiplies it by
-sqrt(alpha_bar) in training only; we keep one convention throughout).
+Parts (each ``<stem>.safetensors`` + ``<stem>.json``): the noise estimator (``ldm``, a diffusers
+``UNet2DModel``) and the VQ-GAN it works on (``vqgan``, named in the LDM's JSON). Model function
+(the hook point): ``eps = unet(concat[x_t, condition], t)`` with the CXR latent as condition; the
+CXR latent is given unscaled (clean) both in training and at inference (the reference multiplies
+it by sqrt(alpha_bar) in training only; we keep one convention throughout). Process: DDPM or DDIM
+on MONAI's cosine schedule, with temporal adaptive thresholding as its x0 step hook.
 
 Output: with ``residual=True`` (default) the decoded soft tissue is not returned as such; the
 predicted bone layer ``decode(z_cxr) - decode(z_soft)`` is subtracted from the input CXR, so the
@@ -11,18 +14,19 @@ VQ-GAN's reconstruction error (common to both decodes) cancels and the input's d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file
 
-from medidiff.diffusion.sampling import cosine_alphas_cumprod, sample
+from medidiff.diffusion.gaussian import GaussianProcess, cosine_alphas_cumprod, gaussian_process
+from medidiff.diffusion.sampling import sample
 from medidiff.diffusion.thresholding import TemporalThreshold
+from medidiff.methods.base import Method, ModelFunction, read_component
 from medidiff.nets.vqgan import VQGAN
+from medidiff.resources import model_dir
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models" / "bone_suppression"
+MODELS_DIR = model_dir("bone_suppression")
 
 
 def build_noise_unet(cfg: dict) -> UNet2DModel:
@@ -39,54 +43,67 @@ def build_noise_unet(cfg: dict) -> UNet2DModel:
                        attention_head_dim=cfg.get("attention_head_dim", 32))
 
 
-def _read(folder: Path, name: str) -> tuple[dict, dict]:
-    return json.loads((folder / f"{name}.json").read_text()), load_file(folder / f"{name}.safetensors")
-
-
-def load_vqgan(path: Path) -> VQGAN:
-    """VQ-GAN from ``<path>.json`` + ``<path>.safetensors``, in eval mode."""
-    cfg, weights = _read(path.parent, path.name)
-    m = cfg["model"]
-    net = VQGAN(m["channels"], m["latent_channels"], m["num_codes"], m.get("quantize_on_decode", True))
+def load_vqgan(path: Path) -> tuple[VQGAN, dict]:
+    """VQ-GAN (eval mode) and its JSON config from ``<path>.json`` + ``<path>.safetensors``."""
+    path = Path(path)
+    cfg, weights = read_component(path.parent, path.name)
+    net = VQGAN.from_config(cfg["model"])
     net.load_state_dict(weights)
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), cfg
 
 
-class BSLDM:
+class ConcatConditionUNet(ModelFunction):
+    """``net(concat[x, condition], t).sample``: the conditional noise estimator of BS-LDM."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, condition], 1), t).sample
+
+
+class BSLDM(Method):
     """Bone suppression by conditional latent diffusion (offset noise + temporal adaptive thresholding)."""
 
-    def __init__(self, vqgan: VQGAN, unet: UNet2DModel, cfg: dict):
-        self.vqgan, self.unet, self.cfg = vqgan, unet.eval().requires_grad_(False), cfg
-        self.scale = float(cfg["latent_scale"])
-        self.alphas = cosine_alphas_cumprod(cfg["diffusion"]["num_train_timesteps"])
-        th = cfg["sampling"]["threshold"]
+    def __init__(self, vqgan: VQGAN, unet: UNet2DModel, config: dict, *, vqgan_config: dict, name: str = "ldm"):
+        self.vqgan, self.vqgan_config = vqgan.eval().requires_grad_(False), vqgan_config
+        self.model_fn = ConcatConditionUNet(unet).eval().requires_grad_(False)
+        self.config, self.name = config, name
+        self.scale = float(config["latent_scale"])
+        self.alphas = cosine_alphas_cumprod(config["diffusion"]["num_train_timesteps"])
+        th = config["sampling"]["threshold"]
         self.threshold = TemporalThreshold(th["r0"], th["dr"], th.get("ref_steps", 1000))
-        self.default_steps = int(cfg["sampling"]["steps"])
-        self.default_method = cfg["sampling"].get("method", "ddim")
+        self.default_steps = int(config["sampling"]["steps"])
+        self.default_method = config["sampling"].get("method", "ddim")
 
     @classmethod
     def from_pretrained(cls, folder: Path = MODELS_DIR, name: str = "ldm") -> BSLDM:
-        folder = Path(folder)
-        cfg, weights = _read(folder, name)
-        unet = build_noise_unet(cfg["model"])
+        config, weights = read_component(folder, name)
+        unet = build_noise_unet(config["model"])
         unet.load_state_dict(weights)
-        return cls(load_vqgan(folder / cfg["vqgan"]), unet, cfg)
+        vqgan, vqgan_config = load_vqgan(Path(folder) / config["vqgan"])
+        return cls(vqgan, unet, config, vqgan_config=vqgan_config, name=name)
+
+    def networks(self):
+        return {self.name: (self.model_fn.net, self.config), self.config["vqgan"]: (self.vqgan, self.vqgan_config)}
+
+    def process(self, steps: int | None = None, method: str | None = None, thresholding: bool = True) -> GaussianProcess:
+        """The sampler (``ddpm``/``ddim``, default the model's) with its timesteps set."""
+        process = gaussian_process(method or self.default_method, self.alphas, [self.threshold] if thresholding else [])
+        process.set_timesteps(steps or self.default_steps)
+        return process
 
     @torch.no_grad()
-    def suppress(self, cxr: torch.Tensor, steps: int | None = None, *, method: str | None = None,
+    def __call__(self, cxr: torch.Tensor, steps: int | None = None, *, method: str | None = None,
                  thresholding: bool = True, residual: bool = True, seed: int = 0, progress=None) -> torch.Tensor:
         """Soft-tissue image (N,1,H,W) for ``cxr`` (N,1,H,W) in [0,1]; H, W multiples of 32.
         ``steps``/``method`` default to the model's ``sampling`` settings."""
         cond = self.vqgan.encode(cxr) * self.scale
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(cond.shape, generator=gen)
-
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(torch.cat([x, cond], 1), t).sample
-
-        z = sample(eps, noise, self.alphas, steps or self.default_steps, method or self.default_method,
-                   self.threshold if thresholding else None, gen, progress)
+        self.model_fn.reset_hooks()
+        z = sample(self.model_fn, self.process(steps, method, thresholding), noise, cond, generator=gen,
+                   progress=progress)
         soft = self.vqgan.decode(z / self.scale)
         if not residual:
             return soft
         return cxr - (self.vqgan.decode(cond / self.scale) - soft)
+
+    suppress = __call__

@@ -1,4 +1,4 @@
-"""Writes models/bone_suppression/MODEL_CARD.md from the exported JSON configs and eval results."""
+"""Model cards built from what is in a model folder: notes, training records, measured results, hashes."""
 
 from __future__ import annotations
 
@@ -6,28 +6,38 @@ import hashlib
 import json
 from pathlib import Path
 
-HEADER = "# BS-LDM bone suppression (medidiff)\n"
+from medidiff.io.atomic import atomic_write
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_model_card(folder: Path) -> Path:
-    """(Re)write ``MODEL_CARD.md``: hand-written ``card_notes.md`` + training records + metrics + hashes."""
+def _title(folder: Path, records: dict[str, dict]) -> str:
+    """The card's title: the one ``title`` the training configs agree on, else the folder name."""
+    titles = {r["title"] for r in records.values() if r.get("title")}
+    return titles.pop() if len(titles) == 1 else folder.name
+
+
+def write_model_card(folder: Path, title: str | None = None) -> Path:
+    """(Re)write ``MODEL_CARD.md``: ``title`` (default: the training configs' one title, else the
+    folder name; none when the hand-written ``card_notes.md`` starts with its own), the notes, a row per exported network from its JSON's
+    training record, the measured results (``eval_*.md``) and the sha256 of every weights file."""
     folder = Path(folder)
-    parts = [HEADER]
+    records = {p.stem: json.loads(p.read_text()).get("training", {})
+               for p in sorted(folder.glob("*.json")) if not p.name.startswith("eval_")}
     notes = folder / "card_notes.md"
-    if notes.exists():
-        parts.append(notes.read_text())
-    parts.append("\n## Training runs\n\n| model | config | steps | minutes | threads | final metrics |\n|---|---|---|---|---|---|\n")
-    for cfg_path in sorted(folder.glob("*.json")):
-        if cfg_path.name.startswith("eval_"):
-            continue
-        tr = json.loads(cfg_path.read_text()).get("training", {})
+    notes_text = notes.read_text() if notes.exists() else ""
+    parts = [] if notes_text.startswith("# ") else [f"# {title or _title(folder, records)}\n"]
+    parts.append(notes_text)
+    parts.append("\n## Training runs\n\n| model | config | data | steps | minutes | threads | final metrics |\n"
+                 "|---|---|---|---|---|---|---|\n")
+    for stem, tr in records.items():
         fm = ", ".join(f"{k}={v:.4g}" for k, v in tr.get("final_metrics", {}).items()
                        if k not in ("step", "minutes") and isinstance(v, float))
-        parts.append(f"| {cfg_path.stem} | `{tr.get('config')}` | {tr.get('steps')} | {tr.get('minutes')} | "
+        data = tr.get("data", {})
+        source = f"{data.get('generator', '')} x{data.get('n_train', '')}" if data else ""
+        parts.append(f"| {stem} | `{tr.get('config')}` | {source} | {tr.get('steps')} | {tr.get('minutes')} | "
                      f"{tr.get('threads')} | {fm} |\n")
     for results in sorted(folder.glob("eval_*.md")):
         parts.append("\n" + results.read_text())
@@ -35,5 +45,6 @@ def write_model_card(folder: Path) -> Path:
     for w in sorted(folder.glob("*.safetensors")):
         parts.append(f"- `{w.name}` ({w.stat().st_size / 1e6:.2f} MB): `{_sha256(w)}`\n")
     card = folder / "MODEL_CARD.md"
-    card.write_text("".join(parts))
+    with atomic_write(card) as tmp:
+        tmp.write_text("".join(parts))
     return card

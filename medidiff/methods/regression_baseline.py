@@ -1,13 +1,17 @@
-"""Plain UNet regression baseline for bone suppression: CXR in [0,1] -> soft tissue, one pass."""
+"""Plain UNet regression baseline for bone suppression: CXR in [0,1] -> soft tissue, one pass.
+
+On the method contract with no process: the model function is ``net(x)`` (``t`` and
+``condition`` unused), called once.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from monai.networks.nets import UNet
-from safetensors.torch import load_file
+
+from medidiff.methods.base import Method, ModelFunction, read_component
 
 
 def build_regression_unet(cfg: dict) -> UNet:
@@ -16,20 +20,34 @@ def build_regression_unet(cfg: dict) -> UNet:
                 strides=tuple(cfg["strides"]), num_res_units=cfg.get("num_res_units", 1), norm="INSTANCE")
 
 
-class RegressionBaseline:
-    """Loaded regression model with the same ``suppress`` interface as :class:`BSLDM`."""
+class ImageToImage(ModelFunction):
+    """``net(x)``: a one-pass image-to-image network as a model function."""
 
-    def __init__(self, net: UNet):
-        self.net = net.eval()
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)
+
+
+class RegressionBaseline(Method):
+    """Loaded regression model, called like :class:`~medidiff.methods.bone_suppression.BSLDM`."""
+
+    def __init__(self, net: UNet, config: dict, name: str = "regression"):
+        self.model_fn = ImageToImage(net).eval().requires_grad_(False)
+        self.config, self.name = config, name
 
     @classmethod
     def from_pretrained(cls, folder: Path, name: str = "regression") -> RegressionBaseline:
-        cfg = json.loads((Path(folder) / f"{name}.json").read_text())
-        net = build_regression_unet(cfg["model"])
-        net.load_state_dict(load_file(Path(folder) / f"{name}.safetensors"))
-        return cls(net)
+        config, weights = read_component(folder, name)
+        net = build_regression_unet(config["model"])
+        net.load_state_dict(weights)
+        return cls(net, config, name)
+
+    def networks(self):
+        return {self.name: (self.model_fn.net, self.config)}
 
     @torch.no_grad()
-    def suppress(self, cxr: torch.Tensor, **_: object) -> torch.Tensor:
-        """Soft-tissue estimate (N,1,H,W) for ``cxr`` (N,1,H,W) in [0,1]."""
-        return self.net(cxr)
+    def __call__(self, cxr: torch.Tensor, **_: object) -> torch.Tensor:
+        """Soft-tissue estimate (N,1,H,W) for ``cxr`` (N,1,H,W) in [0,1]; sampling options are ignored."""
+        self.model_fn.reset_hooks()
+        return self.model_fn(cxr, torch.zeros(len(cxr), dtype=torch.long), None)
+
+    suppress = __call__

@@ -2,14 +2,16 @@
 
 BS-LDM compresses radiographs with a VQ-GAN trained with a multi-level hybrid loss (pixel L1,
 LPIPS perceptual, adversarial, codebook). No pretrained perceptual network can be downloaded here,
-so :func:`reconstruction_loss` replaces LPIPS by a multi-scale SSIM, an image-gradient and a
-Fourier-magnitude term; the adversarial term uses MONAI's ``PatchDiscriminator``.
+so :func:`reconstruction_loss` replaces LPIPS by a multi-scale SSIM (MONAI ``SSIMLoss``), an
+image-gradient and a Fourier-magnitude term; the adversarial term uses MONAI's ``PatchDiscriminator``
+with MONAI's hinge ``PatchAdversarialLoss`` (in the training task).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import SSIMLoss
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
@@ -114,6 +116,11 @@ class VQGAN(nn.Module):
         self.quantize_on_decode = quantize_on_decode
         self.factor = 2 ** (len(channels) - 1)
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> VQGAN:
+        """Build from a config's ``model`` section (channels, latent_channels, num_codes, quantize_on_decode)."""
+        return cls(cfg["channels"], cfg["latent_channels"], cfg["num_codes"], cfg.get("quantize_on_decode", True))
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [0,1] -> continuous latent."""
         return self.encoder(x * 2 - 1)
@@ -137,33 +144,16 @@ def build_discriminator(channels: int = 32, num_layers: int = 3) -> PatchDiscrim
                               num_layers_d=num_layers, norm="INSTANCE")
 
 
-def _gauss_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    g = torch.exp(-((torch.arange(size) - size // 2) ** 2) / (2 * sigma**2))
-    return (g / g.sum()).float()
-
-
-def _ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    c1, c2 = 0.01**2, 0.03**2
-    k = len(window)
-    wx, wy = window.view(1, 1, 1, k), window.view(1, 1, k, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, wx), wy)
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    return (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean()
-
-
 def multiscale_ssim_loss(x: torch.Tensor, y: torch.Tensor, scales: int = 3) -> torch.Tensor:
-    """1 - mean SSIM over ``scales`` dyadic scales (differentiable, images in [0,1])."""
-    window = _gauss_window().to(x)
+    """1 - mean SSIM over ``scales`` dyadic scales (MONAI ``SSIMLoss``, 7x7 Gaussian window, sigma 1.5;
+    differentiable, images in [0,1])."""
+    ssim_loss = SSIMLoss(spatial_dims=2, data_range=1.0, kernel_type="gaussian", win_size=7, kernel_sigma=1.5)
     total = x.new_zeros(())
     for s in range(scales):
         if s:
             x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-        total = total + _ssim(x, y, window)
-    return 1 - total / scales
+        total = total + ssim_loss(x, y)
+    return total / scales
 
 
 def gradient_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

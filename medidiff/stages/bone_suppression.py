@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
+from medidiff.display import percentile_window
 from medidiff.errors import StageError
 from medidiff.io.layout import swap_rows_cols
 from medidiff.stages.basic import check_finite
@@ -20,7 +21,6 @@ from medidiff.stages.registry import register_stage
 
 MODALITIES = ("CR", "DX")
 MIN_SIZE, MAX_SIZE = 128, 8192
-PERCENTILES = (0.005, 0.995)
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,18 +52,12 @@ def _check(image: torch.Tensor, source: object) -> torch.Tensor:
     return swap_rows_cols(image.as_tensor() if isinstance(image, MetaTensor) else image).float()
 
 
-def _percentiles(x: torch.Tensor) -> tuple[float, float]:
-    """Robust intensity range from a strided subsample (fast on large images)."""
-    flat = x.flatten()
-    sub = flat[:: max(1, flat.numel() // 1_000_000)]
-    lo, hi = torch.quantile(sub, torch.tensor(PERCENTILES)).tolist()
-    return lo, hi if hi > lo else lo + 1.0
-
-
 @register_stage("bone_suppression", summary="BS-LDM: remove ribs/clavicles from a chest radiograph (CR/DX PA/AP).")
 class BoneSuppression:
     """Bone suppression; ``steps``: sampling steps of the model's sampler (DDPM respaced from 1000
     training steps; 50 measured as good as 1000); ``keep_bone_layer``: also return item['bone']."""
+
+    task = "bone_suppression"  # evaluation metrics and baseline: medidiff.evaluation.tasks
 
     def __init__(self, steps: int = 50, model: str = "default", keep_bone_layer: bool = True, seed: int = 0):
         if not 1 <= steps <= 1000:
@@ -73,7 +67,7 @@ class BoneSuppression:
     def bone_layer(self, norm: torch.Tensor) -> torch.Tensor:
         """Predicted bone layer (1, rows, cols) for a normalised image, at the image's own size."""
         net = load_model(self.model)
-        res = int(net.cfg.get("resolution", 256))
+        res = int(net.config.get("resolution", 256))
         rows, cols = norm.shape[-2:]
         scale = res / max(rows, cols)
         h, w = max(1, round(rows * scale)), max(1, round(cols * scale))
@@ -88,7 +82,7 @@ class BoneSuppression:
     def __call__(self, item: dict) -> dict:
         image = check_finite(item, "bone_suppression")
         x = _check(image, item.get("source"))
-        lo, hi = _percentiles(x)
+        lo, hi = percentile_window(x)
         with torch.no_grad():
             bone = self.bone_layer((x - lo) / (hi - lo)) * (hi - lo)
         out = dict(item)
