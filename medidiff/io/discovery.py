@@ -27,6 +27,7 @@ from medidiff.io.privacy import hash_identifier
 from medidiff.io.text import clean_text
 
 REFUSED_REASON_LIMIT = 300
+OUTSIDE = "points outside the input folder (symbolic link or '..'); not followed"
 PATH_LIMIT = 1024
 
 
@@ -234,7 +235,7 @@ def _confinement_problem(file: Path, base: Path) -> str | None:
     if target is None:
         return "symbolic link loop or impossible file name; not followed"
     if not target.is_relative_to(base):
-        return "points outside the input folder (symbolic link or '..'); not followed"
+        return OUTSIDE
     try:
         mode = target.stat().st_mode
     except OSError:
@@ -276,7 +277,8 @@ def _dicomdir_files(path: Path, root: Path, refused: list[Refusal]) -> list[Path
     (``pydicom.fileset.FileSet`` confines too, but refuses the whole DICOMDIR at the first bad record.)
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
         return []
     if "DirectoryRecordSequence" not in ds:
@@ -289,15 +291,15 @@ def _dicomdir_files(path: Path, root: Path, refused: list[Refusal]) -> list[Path
         parts = [str(ref)] if isinstance(ref, str) else [str(p) for p in ref]
         candidate = Path(*parts)
         if candidate.anchor or ".." in candidate.parts:
-            problem = "points outside the input folder (symbolic link or '..'); not followed"
+            problem = OUTSIDE
         else:
             problem = _confinement_problem(root / candidate, base)
         if problem is None:
             files.append(root / candidate)
-        elif "outside" in problem:
+        elif problem == OUTSIDE:
             refused.append(Refusal(relative_path(path, root), f"DICOMDIR record {index + 1}: its file {problem}"))
         else:
-            refused.append(Refusal(str(candidate), f"referenced by the DICOMDIR but a {problem}"))
+            refused.append(Refusal(str(candidate), f"referenced by the DICOMDIR: {problem}"))
     if not files and not refused:
         raise InputError(f"DICOMDIR {path} references no files")
     return files
