@@ -183,6 +183,11 @@ def test_zip_member_lying_about_its_size_is_never_inflated_past_it(tmp_path, own
     assert zipfile.ZipFile(bomb).infolist()[0].file_size == 4096
     with pytest.raises(InputError, match="liar.zip"), open_source(bomb):
         pass
+    corrupt = bytearray(zip_of_zeros(tmp_path / "corrupt.zip", 2**20).read_bytes())
+    corrupt[100:140] = bytes(range(40))  # inside the deflate stream
+    (tmp_path / "corrupt.zip").write_bytes(bytes(corrupt))
+    with pytest.raises(InputError, match="corrupt.zip cannot be read"):
+        discover(tmp_path / "corrupt.zip")
     assert list(own_tmp.iterdir()) == []
 
 

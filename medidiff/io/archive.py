@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import weakref
 import zipfile
+import zlib
 from pathlib import Path
 
 from medidiff.errors import InputError
@@ -83,8 +84,12 @@ def extract_zip(archive: Path) -> Path:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
-        raise InputError(f"zip {archive} cannot be read: {clean_text(exc, 200)}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, RuntimeError, zlib.error) as exc:
+        raise InputError(f"zip {archive} cannot be read (corrupt, encrypted or an unsupported method): "
+                         f"{clean_text(exc, 200)}") from None
+    except OSError as exc:
+        raise InputError(f"zip {archive} cannot be extracted into {tempfile.gettempdir()}: {exc.strerror}; "
+                         "set TMPDIR to a writable folder with room, or extract it yourself") from None
     return tmp
 
 
