@@ -136,6 +136,13 @@ class Pipeline:
         """Short hash of the pipeline text: the journal redoes work when the pipeline changes."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
+    @property
+    def task(self) -> str | None:
+        """The task the pipeline performs: the ``task`` attribute of its last stage that declares one
+        (e.g. ``"bone_suppression"``); evaluation picks that task's metrics and baseline."""
+        declared = [getattr(_resolve_factory(call.name, call.line), "task", None) for call in self.stages]
+        return next((task for task in reversed(declared) if isinstance(task, str)), None)
+
     def build(self) -> list[Callable]:
         """Instantiate every stage, in order."""
         return [call.build() for call in self.stages]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -163,3 +164,79 @@ def test_bone_suppression_on_held_out_phantoms_beats_identity(tmp_path, monkeypa
     assert set(result.metrics) == {"bsr", "psnr", "ssim", "mse"} and len(result.cases) == 3
     assert result.metrics["bsr"].estimate > 0.8 > result.baseline_metrics["bsr"].estimate
     assert result.comparison["psnr"].difference.low > 0
+
+
+def super_resolution_data(count: int = 3, size: int = 48) -> EvaluationData:
+    """Half-resolution inputs (2x2 means) of smooth references: the output must grow to the reference grid."""
+
+    def cases():
+        for seed in range(count):
+            reference = gaussian_filter(np.random.default_rng(seed).random((size, size + 8)), 2).astype(np.float32)
+            image = reference.reshape(size // 2, 2, (size + 8) // 2, 2).mean(axis=(1, 3))
+            yield _item(image, reference, SyntheticSource(seed, rows=size // 2, columns=(size + 8) // 2))
+
+    return EvaluationData("half-res-phantom", "medidiff://test/half-res", "fedcba9876543210", count, cases)
+
+
+class Upsample:
+    """A test stage declaring the super-resolution task: bilinear 2x (so it differs from bicubic)."""
+
+    task = "super_resolution"
+
+    def __call__(self, item: dict) -> dict:
+        import torch
+
+        image = torch.nn.functional.interpolate(item["image"][None], scale_factor=2, mode="bilinear")[0]
+        return item | {"image": image}
+
+
+def test_super_resolution_output_is_scored_on_the_reference_grid_against_bicubic():
+    pipeline = Pipeline.from_text("name: up\nstages: [tests.test_evaluation.Upsample]\n")
+    assert pipeline.task == "super_resolution"
+    result = evaluate(pipeline, super_resolution_data(), baseline="default", track=False)
+    assert result.baseline == "bicubic" and set(result.metrics) == {"psnr", "ssim", "mse"}
+    assert len(result.cases) == 3 and not result.failed
+    assert result.metrics["psnr"].estimate > 20 and result.baseline_metrics["psnr"].estimate > 20
+    assert result.comparison["psnr"].difference.estimate != 0  # bilinear vs bicubic: two different images
+
+
+def test_identity_baseline_refuses_a_different_grid():
+    pipeline = Pipeline.from_text("name: up\nstages: [tests.test_evaluation.Upsample]\n")
+    with pytest.raises(InputError, match="3 failed"):
+        evaluate(pipeline, super_resolution_data(), baseline="identity", track=False)
+
+
+def test_tasks_choose_metrics_and_unknown_tasks_get_generic_ones():
+    from medidiff.evaluation.tasks import Task, register_task, task_for
+
+    assert task_for("bone_suppression").metrics[0] == "bsr"
+    assert task_for("no-such-task").metrics == ("psnr", "ssim", "mse")
+    assert task_for(None, "MR").metrics[-1] == "nmse"
+    with pytest.raises(ValueError, match="unknown metric"):
+        register_task(Task("bad", ("psnr", "lpipsx")))
+
+
+def test_data_specs_are_a_registry(monkeypatch):
+    from medidiff.evaluation import datasets
+
+    monkeypatch.setitem(datasets.DATA_SPECS, "noisy", lambda spec, size: phantom_data(int(spec.split(":")[1])))
+    assert datasets.load_data("noisy:2").count == 2
+    with pytest.raises(InputError, match=r"synthetic-cxr:\.\.\., noisy:\.\.\."):
+        datasets.load_data("no/such/folder")
+
+
+def test_compare_methods_scores_tensor_methods_with_the_task_metrics():
+    from medidiff import metrics
+    from medidiff.evaluation.datasets import load_data
+    from medidiff.evaluation.evaluate import compare_methods, methods_markdown
+    from medidiff.evaluation.tasks import TASKS
+
+    data = load_data("synthetic-cxr:test:2:64")
+    methods = {"identity": (lambda x, _: x, 2), "oracle": (lambda x, reference: reference, 1)}
+    identity, oracle = compare_methods(methods, data, TASKS["bone_suppression"])
+    assert (identity["n"], oracle["n"]) == (2, 1)
+    assert oracle["BSR"] == 1.0 and oracle["MSE"] == 0.0 and oracle["PSNR"] == 120.0
+    cxr, soft = (torch.stack([i[k].as_tensor().transpose(1, 2) for i in data.cases()]) for k in ("image", "reference"))
+    assert identity["PSNR"] == pytest.approx(float(metrics.psnr(cxr, soft).mean()), abs=1e-5)
+    table = methods_markdown([identity, oracle], "Held-out", "note")
+    assert "| method | n | BSR | PSNR | SSIM | MSE | s/img |" in table and "| oracle | 1 | 1.0000 | 120.00 |" in table

@@ -7,6 +7,9 @@ Data specs (CLI ``--data``)::
     path/to/folder               DICOM studies; reference/ holds one reference series per study,
                                  matched by StudyInstanceUID (the reference folder is not evaluated)
 
+``<kind>:...`` specs come from :data:`DATA_SPECS`; a module adds its own kind (k-space, degraded/clean
+pairs, another phantom) with :func:`register_data_spec`. Anything else is a folder.
+
 Every case is a pipeline item ``{"image", "original", "reference", "source"}`` with MONAI's axis
 convention (``(1, cols, rows[, slices])``). Lineage (name, digest, source) goes to MLflow through
 :meth:`EvaluationData.mlflow_dataset`; the digest and source never contain identifiers.
@@ -21,7 +24,6 @@ from pathlib import Path
 
 from medidiff.errors import InputError
 
-SYNTHETIC_PREFIX = "synthetic-cxr:"
 REFERENCE_FOLDER = "reference"
 
 
@@ -82,13 +84,24 @@ class EvaluationData:
         return MetaDataset(source=HTTPDatasetSource(self.source), name=self.name, digest=self.digest)
 
 
+DataLoader = Callable[..., "EvaluationData"]
+DATA_SPECS: dict[str, DataLoader] = {}
+
+
+def register_data_spec(kind: str, loader: DataLoader) -> None:
+    """Make ``<kind>:...`` specs load with ``loader(spec, size=...)`` (returns :class:`EvaluationData`)."""
+    DATA_SPECS[kind] = loader
+
+
 def load_data(spec: str, *, size: int = 512) -> EvaluationData:
     """Evaluation data from a spec (see the module docstring); InputError says what is wrong."""
-    if spec.startswith(SYNTHETIC_PREFIX):
-        return synthetic_data(spec, size=size)
+    kind, colon, _ = spec.partition(":")
+    if colon and kind in DATA_SPECS:
+        return DATA_SPECS[kind](spec, size=size)
     path = Path(spec)
     if not path.exists():
-        raise InputError(f"--data {spec!r}: neither a folder of DICOM studies nor a synthetic-cxr:test:N spec")
+        kinds = ", ".join(f"{k}:..." for k in DATA_SPECS)
+        raise InputError(f"--data {spec!r}: neither a folder of DICOM studies nor a data spec ({kinds})")
     return dicom_data(path)
 
 
@@ -170,3 +183,6 @@ def dicom_data(root: Path) -> EvaluationData:
     name = f"dicom-{len(pairs)}-series"
     return EvaluationData(name, f"medidiff://dicom-folder/{hash_identifier(str(root.resolve()))}", digest,
                           len(pairs), cases)
+
+
+register_data_spec("synthetic-cxr", synthetic_data)

@@ -1,7 +1,8 @@
 """Clinical evaluation of a pipeline against reference images, tracked as one MLflow run.
 
 Per case: run the pipeline (and the baseline), map output, baseline and reference to [0, 1] with the
-reference's own min/max window, compute the task's metrics. Then aggregate (mean with a bootstrap 95 %
+reference's own min/max window, compute the task's metrics (``evaluation.tasks``: the task the
+pipeline's stage declares; the output may differ in shape from the input, not from the reference). Then aggregate (mean with a bootstrap 95 %
 CI), compare with the baseline (paired bootstrap CI of the difference + Wilcoxon signed-rank p-value),
 and log params, metrics, the per-case table, worst/best panels and the dataset lineage to MLflow.
 Case ids are hashed series keys (phantom seeds for synthetic data): no identifier reaches MLflow.
@@ -28,16 +29,16 @@ from medidiff.evaluation.statistics import (
     bootstrap_ci,
     paired_test,
 )
+from medidiff.evaluation.tasks import BASELINES, Task, task_for
+from medidiff.metrics import LOWER_IS_BETTER
 from medidiff.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 IDENTITY = "identity"
-# Metric sets per task stage; the first metric ranks the best/worst case. Otherwise GENERIC_METRICS.
-TASK_METRICS = {"bone_suppression": ("bsr", "psnr", "ssim", "mse")}
-GENERIC_METRICS = ("psnr", "ssim", "mse")
-LOWER_IS_BETTER = {"mse", "nmse"}
+DEFAULT_BASELINE = "default"  # the task's own baseline (identity; bicubic for super-resolution)
 MODEL_PARAM_NAMES = ("model", "model_dir")
+TABLE_FORMATS = {"PSNR": ".2f", "MSE": ".6f", "NMSE": ".6f"}  # others: .4f
 
 
 @dataclass
@@ -74,11 +75,8 @@ class EvaluationResult:
 
 
 def metric_names(pipeline: Pipeline, modality: str) -> tuple[str, ...]:
-    """The task's metrics: chosen by the pipeline's stages (bone suppression), else generic (+ NMSE for MR)."""
-    for call in pipeline.stages:
-        if call.name in TASK_METRICS:
-            return TASK_METRICS[call.name]
-    return GENERIC_METRICS + (("nmse",) if modality.upper() == "MR" else ())
+    """The metrics of the pipeline's task (declared by its stage), else generic (+ NMSE for MR)."""
+    return task_for(pipeline.task, modality).metrics
 
 
 def as_batch(image: torch.Tensor) -> torch.Tensor:
@@ -90,9 +88,9 @@ def as_batch(image: torch.Tensor) -> torch.Tensor:
 def compute_metrics(names, output: torch.Tensor, reference: torch.Tensor, original: torch.Tensor) -> dict[str, float]:
     """Metrics of ``output`` against ``reference``, all images mapped to [0, 1] with the reference's min/max.
 
-    3-D images: the mean over slices.
+    3-D images: the mean over slices. ``original`` is only read by metrics that need it (BSR).
     """
-    from medidiff import metrics
+    from medidiff.metrics import METRICS
 
     if output.shape != reference.shape:
         raise InputError(f"output shape {tuple(output.shape)} differs from the reference's {tuple(reference.shape)}")
@@ -103,14 +101,8 @@ def compute_metrics(names, output: torch.Tensor, reference: torch.Tensor, origin
         return ((as_batch(t) - lo) / scale).clamp(0, 1)
 
     out, ref = unit(output), unit(reference)
-    functions: dict[str, Callable[[], torch.Tensor]] = {
-        "bsr": lambda: metrics.bsr(out, ref, unit(original)),
-        "psnr": lambda: metrics.psnr(out, ref),
-        "ssim": lambda: metrics.ssim(out, ref),
-        "mse": lambda: metrics.mse(out, ref),
-        "nmse": lambda: metrics.nmse(out, ref),
-    }
-    return {name: float(functions[name]().mean()) for name in names}
+    before = unit(original) if original.shape == reference.shape else None
+    return {name: float(METRICS[name](out, ref, before).mean()) for name in names}
 
 
 def model_card_digests(pipeline: Pipeline) -> dict[str, str]:
@@ -129,14 +121,61 @@ def model_card_digests(pipeline: Pipeline) -> dict[str, str]:
     return digests
 
 
-def load_baseline(baseline: str | Pipeline | None) -> tuple[str | None, Callable[[dict], dict] | None]:
-    """(name, item -> item) for a baseline pipeline, ``"identity"`` (the input itself) or None."""
+def load_baseline(
+    baseline: str | Pipeline | None, task: Task | None = None
+) -> tuple[str | None, Callable[[dict], dict] | None]:
+    """(name, item -> item) for a baseline: a name in ``evaluation.tasks.BASELINES`` (``identity``,
+    ``bicubic``), ``"default"`` (the task's own), a pipeline (file, name or object), or None."""
     if baseline is None:
         return None, None
-    if isinstance(baseline, str) and baseline == IDENTITY:
-        return IDENTITY, lambda item: item
+    if baseline == DEFAULT_BASELINE:
+        baseline = (task or task_for(None)).baseline
+    if isinstance(baseline, str) and baseline in BASELINES:
+        return baseline, BASELINES[baseline]
     pipeline = baseline if isinstance(baseline, Pipeline) else Pipeline.from_yaml(baseline)
     return pipeline.name, pipeline
+
+
+# (inputs, references) -> outputs on (N, 1, rows, cols) batches; only an oracle looks at the references
+Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compare_methods(
+    methods: dict[str, tuple[Method, int]], data: EvaluationData, task: Task, *, batch: int = 25
+) -> list[dict]:
+    """Rows ``{method, n, <METRIC>..., s/img}`` for methods called on tensors rather than pipelines.
+
+    For data already in [0, 1] (phantoms): inputs and references are batched as (N, 1, rows, cols),
+    outputs clamped to [0, 1] and scored without a window; each method gets its first ``n`` cases.
+    """
+    from medidiff.io.layout import swap_rows_cols
+    from medidiff.metrics import METRICS
+
+    items = list(data.cases())
+    inputs, references = (torch.stack([swap_rows_cols(torch.as_tensor(i[key]).float()) for i in items])
+                          for key in ("image", "reference"))
+    rows = []
+    for name, (method, n) in methods.items():
+        x, ref = inputs[:n], references[:n]
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = torch.cat([method(x[i:i + batch], ref[i:i + batch]) for i in range(0, len(x), batch)]).clamp(0, 1)
+        seconds = (time.perf_counter() - start) / len(x)
+        scores = {m.upper(): round(float(METRICS[m](out, ref, x).mean()), 5) for m in task.metrics}
+        rows.append({"method": name, "n": len(x), **scores, "s/img": round(seconds, 3)})
+        log.info("%s", rows[-1])
+    return rows
+
+
+def methods_markdown(rows: list[dict], title: str, note: str = "") -> str:
+    """:func:`compare_methods` rows as a Markdown section (a model card's results table)."""
+    metrics = [k for k in rows[0] if k not in ("method", "n", "s/img")]
+    lines = [f"## {title}\n\n", f"{note}\n\n" if note else "",
+             f"| method | n | {' | '.join(metrics)} | s/img |\n", f"|{'---|' * (len(metrics) + 3)}\n"]
+    for row in rows:
+        values = " | ".join(format(row[m], TABLE_FORMATS.get(m, ".4f")) for m in metrics)
+        lines.append(f"| {row['method']} | {row['n']} | {values} | {row['s/img']:.3f} |\n")
+    return "".join(lines)
 
 
 @dataclass
@@ -167,13 +206,14 @@ def evaluate(
 ) -> EvaluationResult:
     """Evaluate ``pipeline`` on ``data`` (a spec or :class:`EvaluationData`) and log one MLflow run.
 
-    ``baseline`` is another pipeline (file, name or object) or ``"identity"`` (the input image itself).
-    ``track=False`` computes everything without MLflow.
+    ``baseline`` is another pipeline (file, name or object), a named baseline (``"identity"``: the input
+    image itself; ``"bicubic"``: the input resampled to the reference grid) or ``"default"`` (the
+    task's own). ``track=False`` computes everything without MLflow.
     """
     start = time.perf_counter()
     pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline.from_yaml(pipeline)
     data = data if isinstance(data, EvaluationData) else load_data(data)
-    baseline_name, baseline_fn = load_baseline(baseline)
+    baseline_name, baseline_fn = load_baseline(baseline, task_for(pipeline.task))
     result = EvaluationResult(pipeline.name, data.name, {}, baseline=baseline_name)
     extremes: _Extremes | None = None
     for item in data.cases(cases):

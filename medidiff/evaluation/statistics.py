@@ -34,18 +34,21 @@ class PairedTest:
 def bootstrap_ci(
     values, *, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
 ) -> Interval:
-    """Percentile bootstrap CI of the mean; deterministic for a given ``seed``. One value gives a zero-width CI."""
+    """Percentile bootstrap CI of the mean (``scipy.stats.bootstrap``); deterministic for a given ``seed``.
+
+    One value, or identical values, give a zero-width CI.
+    """
+    from scipy.stats import bootstrap
+
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or data.size == 0:
         raise ValueError("bootstrap_ci needs a non-empty 1-D sequence of values")
     mean = float(data.mean())
-    if data.size == 1:
+    if np.all(data == data[0]):
         return Interval(mean, mean, mean)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return Interval(mean, float(low), float(high))
+    ci = bootstrap((data,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return Interval(mean, float(ci.low), float(ci.high))
 
 
 def paired_test(
@@ -68,13 +71,10 @@ def paired_test(
 
 
 def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> Interval:
-    """Wilson score interval of a proportion (well behaved at 0, 1 and small n)."""
-    from scipy.stats import norm
+    """Wilson score interval of a proportion (well behaved at 0, 1 and small n; ``scipy.stats.binomtest``)."""
+    from scipy.stats import binomtest
 
     if n <= 0:
         raise ValueError("wilson_interval needs n > 0")
-    z = float(norm.ppf(1 - (1 - confidence) / 2))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Interval(p, float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Interval(successes / n, float(ci.low), float(ci.high))

@@ -6,7 +6,9 @@ one). Later modules add stages with :func:`register_stage` without touching the 
 Parameters are checked when a pipeline file is loaded (exit 2, naming file, line and key): their
 types against the ``__init__`` annotations (int, float, bool, str, list, dict, Literal, ``| None``),
 their values by building the stage, whose ``__init__`` raises :class:`ParameterError` for a bad value
-and must stay cheap (load models on first call, not in ``__init__``).
+and must stay cheap (load models on first call, not in ``__init__``). A stage that performs a task
+declares it as a class attribute (``task = "bone_suppression"``): evaluation reports that task's
+metrics against its baseline (``medidiff.evaluation.tasks``).
 
 Example::
 
