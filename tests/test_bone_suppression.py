@@ -112,6 +112,16 @@ def test_resuming_with_another_config_is_refused(tiny_models, tmp_path):
         train(changed, out_dir=tmp_path)
 
 
+def test_default_run_folder_is_outside_the_source_tree(tiny_models, tmp_path, monkeypatch):
+    import medidiff.train
+
+    monkeypatch.setattr(medidiff.train, "RUNS_DIR", tmp_path / "runs")
+    cfg = _config(tiny_models[0].parent, "regression", {"channels": [4, 8], "strides": [2]}, name="default_dir",
+                  max_steps=1, crop=32)
+    weights = train(cfg)
+    assert weights == tmp_path / "runs" / "tiny_regression" / "regression.safetensors" and weights.exists()
+
+
 def test_unknown_kind_is_refused(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "kind": "nope", "train": {}, "export": {"name": "x"}}))
