@@ -111,6 +111,7 @@ def test_zip_input(pydicom_files_dir, tmp_path):
     assert not root.exists()
     study = load_study(archive)
     assert len(study) == 2 and study[0].ndim == 3
+    assert load_series(discover(archive).series[0]).ndim == 3  # the extraction lives as long as its series
     assert "series" in repr(study) and "CompressedSamples" not in repr(study)
 
 
