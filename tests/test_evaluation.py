@@ -221,8 +221,9 @@ def test_data_specs_are_a_registry(monkeypatch):
 
     monkeypatch.setitem(datasets.DATA_SPECS, "noisy", lambda spec, size: phantom_data(int(spec.split(":")[1])))
     assert datasets.load_data("noisy:2").count == 2
-    with pytest.raises(InputError, match=r"synthetic-cxr:\.\.\., noisy:\.\.\."):
+    with pytest.raises(InputError) as info:
         datasets.load_data("no/such/folder")
+    assert "synthetic-cxr:..." in str(info.value) and "noisy:..." in str(info.value)
 
 
 def test_compare_methods_scores_tensor_methods_with_the_task_metrics():

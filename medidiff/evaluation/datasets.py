@@ -4,6 +4,7 @@ Data specs (CLI ``--data``)::
 
     synthetic-cxr:test:20        20 phantom pairs from the held-out TEST_SEEDS, 512 px
     synthetic-cxr:test:20:256    ... at 256 px
+    drr-cxr:test:20:256          20 DRR pairs (medidiff.datasets.drr, real chest CT) from its TEST_SEEDS
     path/to/folder               DICOM studies; reference/ holds one reference series per study,
                                  matched by StudyInstanceUID (the reference folder is not evaluated)
 
@@ -17,6 +18,7 @@ convention (``(1, cols, rows[, slices])``). Lineage (name, digest, source) goes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,33 +107,34 @@ def load_data(spec: str, *, size: int = 512) -> EvaluationData:
     return dicom_data(path)
 
 
-def synthetic_data(spec: str, *, size: int = 512) -> EvaluationData:
-    """``synthetic-cxr:test:N[:SIZE]``: N phantom pairs from the held-out test seeds."""
-    from medidiff.datasets import chest_phantom
+def phantom_data(spec: str, *, generator: str, size: int = 512) -> EvaluationData:
+    """``<kind>:test:N[:SIZE]``: N pairs from the held-out ``TEST_SEEDS`` of a phantom ``generator`` module
+    (``make_pair(seed, size)`` -> ``{"cxr", "soft"}`` in [0, 1])."""
+    import importlib
 
-    parts = spec.split(":")
+    kind, parts = spec.split(":", 1)[0], spec.split(":")
     try:
         if len(parts) not in (3, 4) or parts[1] != "test":
             raise ValueError
         count = int(parts[2])
         size = int(parts[3]) if len(parts) == 4 else size
     except ValueError:
-        raise InputError(f"--data {spec!r}: expected synthetic-cxr:test:N or synthetic-cxr:test:N:SIZE") from None
-    seeds = list(chest_phantom.TEST_SEEDS)
+        raise InputError(f"--data {spec!r}: expected {kind}:test:N or {kind}:test:N:SIZE") from None
+    module = importlib.import_module(generator)
+    seeds = list(module.TEST_SEEDS)
     if not 1 <= count <= len(seeds) or not 32 <= size <= 4096:
         raise InputError(f"--data {spec!r}: N must be 1..{len(seeds)} and SIZE 32..4096")
     seeds = seeds[:count]
-    generator = Path(chest_phantom.__file__).read_bytes()
-    digest = hashlib.sha256(generator + f"{seeds[0]}:{count}:{size}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(Path(module.__file__).read_bytes() + f"{seeds[0]}:{count}:{size}".encode()).hexdigest()[:16]
 
     def cases() -> Iterator[dict]:
         for seed in seeds:
-            pair = chest_phantom.make_pair(seed, size=size)
+            pair = module.make_pair(seed, size=size)
             source = SyntheticSource(seed, rows=pair["cxr"].shape[0], columns=pair["cxr"].shape[1])
             yield _item(pair["cxr"], pair["soft"], source)
 
-    name = f"synthetic-cxr-test-{count}-{size}px"
-    return EvaluationData(name, f"medidiff://synthetic-cxr:test:{count}:{size}", digest, count, cases)
+    name = f"{kind}-test-{count}-{size}px"
+    return EvaluationData(name, f"medidiff://{kind}:test:{count}:{size}", digest, count, cases)
 
 
 def _item(image, reference, source: SyntheticSource) -> dict:
@@ -185,4 +188,5 @@ def dicom_data(root: Path) -> EvaluationData:
                           len(pairs), cases)
 
 
-register_data_spec("synthetic-cxr", synthetic_data)
+register_data_spec("synthetic-cxr", functools.partial(phantom_data, generator="medidiff.datasets.chest_phantom"))
+register_data_spec("drr-cxr", functools.partial(phantom_data, generator="medidiff.datasets.drr"))
