@@ -241,3 +241,14 @@ def test_compare_methods_scores_tensor_methods_with_the_task_metrics():
     assert identity["PSNR"] == pytest.approx(float(metrics.psnr(cxr, soft).mean()), abs=1e-5)
     table = methods_markdown([identity, oracle], "Held-out", "note")
     assert "| method | n | BSR | PSNR | SSIM | MSE | s/img |" in table and "| oracle | 1 | 1.0000 | 120.00 |" in table
+
+
+def test_bicubic_baseline_resamples_2d_and_3d_onto_the_reference_grid():
+    from medidiff.evaluation.tasks import bicubic
+
+    ramp = torch.linspace(0, 1, 8)
+    image2d = ramp.view(1, 8, 1).expand(1, 8, 6).clone()
+    out = bicubic({"image": image2d, "reference": torch.zeros(1, 16, 12)})["image"]
+    assert out.shape == (1, 16, 12) and float(out[0, -1, 0]) > float(out[0, 0, 0])
+    volume = torch.rand(1, 8, 6, 4)
+    assert bicubic({"image": volume, "reference": torch.zeros(1, 16, 12, 8)})["image"].shape == (1, 16, 12, 8)

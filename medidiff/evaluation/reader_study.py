@@ -87,17 +87,19 @@ class ReaderStudyResult:
 
 
 def export(
-    pipeline, data, out_dir: str | Path, *, baseline: str = "identity", cases: int | None = None,
+    pipeline, data, out_dir: str | Path, *, baseline: str = "default", cases: int | None = None,
     include_reference: bool = True, seed: int | None = None,
 ) -> ReaderKey:
-    """Write a blinded, randomised A/B (/reference) package for ``pipeline`` (A) vs ``baseline`` (B)."""
+    """Write a blinded, randomised A/B (/reference) package for ``pipeline`` (A) vs ``baseline`` (B: a
+    pipeline, ``identity``, ``bicubic`` or ``default``, the task's own)."""
     from medidiff.evaluation.datasets import EvaluationData, load_data
-    from medidiff.evaluation.evaluate import IDENTITY, load_baseline
+    from medidiff.evaluation.evaluate import DEFAULT_BASELINE, load_baseline
+    from medidiff.evaluation.tasks import task_for
     from medidiff.pipeline import Pipeline
 
     pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline.from_yaml(pipeline)
     data = data if isinstance(data, EvaluationData) else load_data(data)
-    baseline_name, baseline_fn = load_baseline(baseline or IDENTITY)
+    baseline_name, baseline_fn = load_baseline(baseline or DEFAULT_BASELINE, task_for(pipeline.task))
     out = Path(out_dir)
     images = out / PACKAGE / "images"
     if (out / KEY_FILE).exists():
