@@ -26,9 +26,11 @@ demo: setup
 	$(VENV)/bin/medidiff run bone-suppression $(SAMPLE) -o $(DEMO_OUT)
 	@echo "open $(DEMO_OUT) for the derived DICOM series and the before/after panel"
 
-# dciodvfy (Debian package dicom3tools) validates the DICOM we write; installed when missing.
+# dciodvfy (Debian package dicom3tools) validates the DICOM we write; Orthanc (Debian package orthanc)
+# is the PACS of the `medidiff listen` tests. Both are installed when missing.
 test: setup
 	@command -v dciodvfy >/dev/null || { apt-get update -qq && apt-get install -y -qq dicom3tools; } >/dev/null
+	@command -v Orthanc >/dev/null || { apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb; } >/dev/null
 	$(PY) -m pytest -q
 
 lint: setup

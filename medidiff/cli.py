@@ -18,6 +18,8 @@ EPILOG = """examples:
   medidiff evaluate bone-suppression --data synthetic-cxr:test:20 --baseline identity
   medidiff models register bone_suppression
   medidiff reader-study export bone-suppression --data synthetic-cxr:test:20 -o study/
+  medidiff listen normalize-preview --ae-title MEDIDIFF --port 11112 -o out/ --allow MODALITY \
+      --destination PACS@10.0.0.5:104
 """
 
 
@@ -89,6 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     import_.add_argument("scores", nargs="+", help="filled-in score CSV files, one per reader")
     import_.add_argument("--experiment", default="medidiff-reader-study", help="MLflow experiment name")
     import_.add_argument("--no-tracking", action="store_true", help="print only; log nothing")
+
+    listen = sub.add_parser("listen", help="a DICOM C-STORE SCP: run a pipeline on each received study, "
+                            "send the results by C-STORE", description="Receive studies by C-STORE (and answer "
+                            "C-ECHO), run PIPELINE on each study once no instance arrived for --idle-seconds, and "
+                            "send every derived DICOM file to --destination (retried until it answers). Logs are "
+                            "JSON lines on stderr with hashed keys only. Stop with Ctrl-C or SIGTERM.")
+    listen.add_argument("pipeline", help="a pipeline YAML file or a built-in name (see pipelines/)")
+    listen.add_argument("--ae-title", required=True, help="this listener's AE title")
+    listen.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    listen.add_argument("--bind", default="0.0.0.0", help="address to listen on (default: all)")
+    listen.add_argument("-o", "--output", required=True, help="output folder (spool and outbox in OUT/.medidiff/)")
+    listen.add_argument("--allow", action="append", metavar="CALLING_AE",
+                        help="accept associations only from this calling AE title (repeatable; default: any)")
+    listen.add_argument("--destination", metavar="AE@HOST:PORT", help="send derived series here by C-STORE")
+    listen.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="a study is complete after this long without a new instance (default 30)")
     return parser
 
 
@@ -191,9 +209,28 @@ def _reader_study(args) -> int:
     return 0
 
 
+def _listen(args) -> int:
+    import signal
+    import threading
+
+    from medidiff.dicomnet.listener import Listener
+    from medidiff.dicomnet.outbox import Destination
+    from medidiff.pipeline import Pipeline
+
+    destination = Destination.parse(args.destination) if args.destination else None
+    pipeline = Pipeline.from_yaml(args.pipeline)
+    listener = Listener(pipeline, args.output, ae_title=args.ae_title, port=args.port, bind=args.bind,
+                        allowed=args.allow, destination=destination, idle_seconds=args.idle_seconds)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    listener.serve(stop)
+    return 0
+
+
 COMMANDS = {
     "inspect": _inspect, "run": _run, "stages": _stages, "train": _train, "evaluate": _evaluate,
-    "models": _models, "reader-study": _reader_study,
+    "models": _models, "reader-study": _reader_study, "listen": _listen,
 }
 
 
