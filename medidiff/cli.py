@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (never patient data)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    inspect = sub.add_parser("inspect", help="list the studies and series in a folder, zip or DICOMDIR")
+    inspect = sub.add_parser("inspect", help="list the studies and series in a folder, zip or DICOMDIR",
+                             description="List studies and series (identifiers hashed) and every file that "
+                             "cannot be used, with the reason. Unusable files are shown by their path "
+                             "relative to the input, for your own terminal; `run` reports name them by hash.")
     inspect.add_argument("path", help="folder, .zip, DICOMDIR or single DICOM file")
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -120,7 +123,7 @@ def _inspect(args) -> int:
 
         print(json.dumps({
             "series": [s.to_public_dict() for s in inventory.series],
-            "refused": [{"path": r.path, "reason": r.reason} for r in inventory.refused],
+            "refused": [r.to_local_dict() for r in inventory.refused],
         }, indent=2))
         return 0
     rows = inventory.summary_rows()
@@ -130,7 +133,7 @@ def _inspect(args) -> int:
             print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     print(f"\n{len(inventory.series)} series; {len(inventory.refused)} file(s) could not be used")
     for refusal in inventory.refused:
-        print(f"  {refusal.path}: {refusal.reason}")
+        print(f"  {refusal.local_line()}")
     return 0
 
 
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:  # pydicom warns about every sloppy header it reads or copies: noise in batch logs
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
     from medidiff.errors import MedidiffError
 
     try:

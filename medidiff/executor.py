@@ -1,28 +1,29 @@
 """Run a pipeline over every matching series of a source; journal, report and progress bar.
 
 Each series is loaded, passed through the stages and written to
-``<output>/<study hash>/<series key>/`` through a temporary folder that is renamed when whole, so
-an interrupted run never leaves half-written results; the journal lets the next run skip what is
-done. One bad series never stops the batch: its reason goes into the report.
+``<output>/<study hash>/<series key>/`` through a temporary folder that is renamed when whole (see
+:mod:`medidiff.output_folder`: one run per output folder, manifests verified on re-run), so an
+interrupted run never leaves half-written results; the journal lets the next run skip what is done
+and redo what changed. One bad series never stops the batch: its reason goes into the report.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medidiff.errors import MedidiffError, OutputError
+from medidiff.errors import InputError, MedidiffError
 from medidiff.journal import Journal
+from medidiff.output_folder import STATE_DIR, OutputFolder
 from medidiff.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
-STATE_DIR = ".medidiff"
+LOCAL_REFUSALS = "refused-local.log"  # in OUT/.medidiff/: paths of unreadable files, not for sharing
 
 
 @dataclass
@@ -72,9 +73,11 @@ class RunReport:
             if r.state in ("failed", "skipped"):
                 lines.append(f"  {r.state:7s} series {r.series} ({r.modality} {r.size}): {r.message}")
         for refusal in self.refused[:20]:
-            lines.append(f"  unreadable {refusal['path']}: {refusal['reason']}")
+            lines.append(f"  unreadable file {refusal['file']}: {refusal['reason']}")
         if len(self.refused) > 20:
             lines.append(f"  ... and {len(self.refused) - 20} more unreadable files (see report.json)")
+        if self.refused:
+            lines.append(f"  (their paths, for the operator only: {STATE_DIR}/{LOCAL_REFUSALS})")
         if not self.results:
             lines.append("  no DICOM image series found in the input")
         elif self.count("done") + self.count("already done") == 0 and not self.count("failed"):
@@ -85,100 +88,117 @@ class RunReport:
         return asdict(self) | {"ok": self.ok}
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """Create the output folder or raise OutputError saying why it cannot be used."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {output_dir}: {exc.strerror}") from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {output_dir} is not writable; choose another with -o")
-
-
 def run_pipeline(
     pipeline: Pipeline, input_path: str | Path, output_dir: str | Path, *, progress: bool = True
 ) -> RunReport:
-    """Run ``pipeline`` over ``input_path`` into ``output_dir``; returns the report (also written)."""
+    """Run ``pipeline`` over ``input_path`` into ``output_dir``; returns the report (also written).
+
+    Raises OutputError (before any work) when the output folder is inside the input, not writable, or
+    in use by another run.
+    """
     from tqdm.auto import tqdm
 
     from medidiff.io.discovery import discover, open_source
+    from medidiff.io.privacy import hash_identifier, output_salt
 
-    output_dir = Path(output_dir)
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise InputError(f"input {input_path} does not exist")
+    out = OutputFolder(output_dir)
+    out.prepare(input_path)
     start = time.perf_counter()
-    with open_source(Path(input_path)) as source_root:
+    with out.lock(), output_salt(out.state_dir), open_source(input_path) as source_root:
         inventory = discover(source_root)
-        check_output_dir(output_dir)
-        report = RunReport(pipeline.name, pipeline.digest, str(input_path), str(output_dir))
-        report.refused = [{"path": r.path, "reason": r.reason} for r in inventory.refused]
-        journal = Journal(output_dir)
+        shown_input = f"input {hash_identifier('input:' + str(input_path.resolve()))}"  # its path may name a patient
+        report = RunReport(pipeline.name, pipeline.digest, shown_input, str(output_dir))
+        report.refused = [r.to_public_dict() for r in inventory.refused]
+        _write_local_refusals(inventory.refused, out.state_dir)
+        journal = Journal(out.state_dir)
         try:
             bar = tqdm(inventory.series, desc=pipeline.name, unit="series", disable=not progress or None)
             for series in bar:
-                report.results.append(_process(pipeline, series, output_dir, journal))
+                report.results.append(_process(pipeline, series, out, journal))
         finally:
             journal.close()
-    report.seconds = time.perf_counter() - start
-    _write_report(report, output_dir)
+        report.seconds = time.perf_counter() - start
+        _write_report(report, out.path)
     return report
 
 
-def _process(pipeline: Pipeline, series, output_dir: Path, journal: Journal) -> SeriesResult:
+def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) -> SeriesResult:
+    from medidiff.io.privacy import hash_identifier
+
+    study = hash_identifier(series.study_uid)
+    key, content = f"{study}/{series.key}", _content_digest(series)
     result = SeriesResult(
-        series=series.key, study=_study_key(series), modality=series.modality or "?",
+        series=series.key, study=study, modality=series.modality or "?",
         size=f"{series.rows}x{series.columns}x{series.frames}", state="skipped",
     )
     reason = pipeline.selection.reason_to_skip(series)
     if reason:
         result.message = reason
-        journal.record(series.key, pipeline.digest, "skipped", message=reason)
+        journal.record(key, pipeline.digest, content, "skipped", message=reason)
         return result
-    previous = journal.state(series.key, pipeline.digest)
+    previous = journal.state(key, pipeline.digest)
     if previous and previous["state"] == "done":
-        result.state, result.outputs = "already done", previous["outputs"]
-        return result
-    journal.record(series.key, pipeline.digest, "running")
+        if previous["content_digest"] != content:
+            result.message = "redone: the series' instances changed since the last run"
+        elif problem := out.verify(key):
+            result.message = f"redone: the previous output was incomplete ({problem})"
+        else:
+            result.state, result.outputs = "already done", previous["outputs"]
+            return result
+    journal.record(key, pipeline.digest, content, "running")
     start = time.perf_counter()
     try:
-        result.outputs = _run_one(pipeline, series, output_dir)
+        result.outputs = _run_one(pipeline, series, out, key)
         result.state = "done"
     except MedidiffError as exc:
         result.state, result.message = "failed", str(exc)
+    except OSError as exc:  # disk full, permissions: the operator can act on it
+        result.state = "failed"
+        result.message = (f"file system error ({exc.strerror or type(exc).__name__}); check that the input is "
+                          f"readable and {study}/ in the output folder is writable")
     except Exception as exc:  # a bug, not a user mistake: keep the batch going, keep the traceback
         result.state = "failed"
         result.message = f"internal error ({type(exc).__name__}); details in {STATE_DIR}/errors.log"
-        with open(output_dir / STATE_DIR / "errors.log", "a", encoding="utf-8") as fh:
-            fh.write(f"series {series.key}:\n{traceback.format_exc()}\n")
+        with open(out.state_dir / "errors.log", "a", encoding="utf-8") as fh:
+            fh.write(f"series {key}:\n{traceback.format_exc()}\n")
     result.seconds = round(time.perf_counter() - start, 3)
     journal.record(
-        series.key, pipeline.digest, result.state, message=result.message,
+        key, pipeline.digest, content, result.state, message=result.message,
         outputs=result.outputs, seconds=result.seconds,
     )
     return result
 
 
-def _study_key(series) -> str:
-    from medidiff.io.privacy import hash_identifier
+def _content_digest(series) -> str:
+    """Digest of a series' instances (SOP Instance UIDs and file sizes): changes when the series does."""
+    import pydicom
 
-    return hash_identifier(series.study_uid)
+    parts = []
+    for file in series.files:
+        ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        parts.append(f"{ds.get('SOPInstanceUID', '')}:{file.stat().st_size}")
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
 
 
-def _run_one(pipeline: Pipeline, series, output_dir: Path) -> list[str]:
+def _run_one(pipeline: Pipeline, series, out: OutputFolder, key: str) -> list[str]:
     from medidiff.io.loading import load_item
     from medidiff.outputs import write_outputs
 
     item = pipeline(load_item(series))
-    final = output_dir / _study_key(series) / series.key
-    partial = final.parent / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        write_outputs(item, pipeline, partial)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return sorted(str(p.relative_to(output_dir)) for p in final.rglob("*") if p.is_file())
+    with out.series_writer(key) as folder:
+        write_outputs(item, pipeline, folder)
+    return out.files(key)
+
+
+def _write_local_refusals(refused: list, state_dir: Path) -> None:
+    """The unreadable files' relative paths (which may name patients): for the operator, never shared."""
+    from medidiff.io.atomic import atomic_write
+
+    with atomic_write(state_dir / LOCAL_REFUSALS) as tmp:
+        Path(tmp).write_text("".join(r.local_line() + "\n" for r in refused), encoding="utf-8")
 
 
 def _write_report(report: RunReport, output_dir: Path) -> None:

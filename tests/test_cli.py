@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -15,21 +16,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 
+from tests.cli_runner import CLI, SLOW_STAGE, assert_user_error, medidiff
 from tests.studies import ct_series_copies
-
-CLI = [sys.executable, "-m", "medidiff.cli"]
-
-
-def medidiff(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
-    text = result.stdout + result.stderr
-    assert result.returncode == code, text
-    assert "Traceback" not in text
-    for fragment in fragments:
-        assert fragment in text, text
 
 
 def test_help_is_fast_and_lists_commands():
@@ -95,12 +83,16 @@ def _bad_inputs(tmp_path: Path) -> Path:
 
 def test_bad_files_are_reported_and_the_run_fails(tmp_path):
     result = medidiff("run", "normalize-preview", _bad_inputs(tmp_path), "-o", tmp_path / "out", "--no-progress")
-    assert_user_error(result, 1, "readme.txt", "truncated.dcm", "nopixels.dcm")
+    assert_user_error(result, 1, "3 unreadable file(s)", "refused-local.log")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    reasons = {r["path"]: r["reason"].lower() for r in report["refused"]}
+    shared = result.stdout + json.dumps(report) + (tmp_path / "out" / "report.txt").read_text()
+    assert not any(name in shared for name in ("readme.txt", "truncated.dcm", "nopixels.dcm"))  # hashes only
+    local = (tmp_path / "out" / ".medidiff" / "refused-local.log").read_text().lower().splitlines()
+    reasons = {line.split(" (file ")[0]: line for line in local}
     assert "dicom" in reasons["readme.txt"]
     assert "truncat" in reasons["truncated.dcm"]
     assert "pixel data" in reasons["nopixels.dcm"]
+    assert sorted(r["reason"].lower() in "".join(local) for r in report["refused"]) == [True] * 3
 
 
 def test_one_bad_file_does_not_stop_the_batch(tmp_path):
@@ -126,7 +118,7 @@ def test_unreadable_transfer_syntax_is_refused(tmp_path):
     (tmp_path / "in").mkdir()
     ds.save_as(tmp_path / "in" / "video.dcm", enforce_file_format=False)
     result = medidiff("run", "normalize-preview", tmp_path / "in", "-o", tmp_path / "out", "--no-progress")
-    assert_user_error(result, 1, "video.dcm", "MPEG2")
+    assert_user_error(result, 1, "MPEG2")
     assert "transfer syntax" in (tmp_path / "out" / "report.txt").read_text().lower()
 
 
@@ -154,20 +146,6 @@ def test_bad_pipeline_file_names_the_line(tmp_path):
     assert_user_error(result, 2, "p.yaml", "line 3", "no parameter 'upper'")
 
 
-SLOW_STAGE = '''
-import time
-
-
-class Sleep:
-    def __init__(self, seconds: float = 0.0):
-        self.seconds = seconds
-
-    def __call__(self, item):
-        time.sleep(self.seconds)
-        return item
-'''
-
-
 def test_killed_run_resumes_without_redoing_or_losing_series(tmp_path):
     ct_series_copies(tmp_path / "in", 6)
     (tmp_path / "plugins").mkdir()
@@ -187,13 +165,13 @@ def test_killed_run_resumes_without_redoing_or_losing_series(tmp_path):
     while time.time() < deadline and done < 2:
         time.sleep(0.2)
         if journal.exists():
-            with sqlite3.connect(journal) as db:
-                done = db.execute("SELECT COUNT(*) FROM series WHERE state='done'").fetchone()[0]
+            with sqlite3.connect(journal) as db, contextlib.suppress(sqlite3.OperationalError):  # no table yet
+                done = db.execute("SELECT COUNT(*) FROM series_runs WHERE state='done'").fetchone()[0]
     proc.kill()
     proc.wait()
     assert 2 <= done < 6, "the run was not caught mid-batch"
     with sqlite3.connect(journal) as db:
-        done_at_kill = db.execute("SELECT COUNT(*) FROM series WHERE state='done'").fetchone()[0]
+        done_at_kill = db.execute("SELECT COUNT(*) FROM series_runs WHERE state='done'").fetchone()[0]
 
     result = medidiff("run", pipeline, tmp_path / "in", "-o", out, "--no-progress", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
