@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pipeline", help="a pipeline YAML file or a built-in name")
     evaluate.add_argument("--data", required=True,
                           help="synthetic-cxr:test:N[:SIZE], or a folder of DICOM studies with a reference/ subfolder")
-    evaluate.add_argument("--baseline", help="a pipeline to compare with (paired test), or 'identity' (the input)")
+    evaluate.add_argument("--baseline", help="a pipeline to compare with (paired test), 'identity' (the input), "
+                          "'bicubic' (the input resampled to the reference grid) or 'default' (the task's own)")
     evaluate.add_argument("--experiment", default="medidiff-evaluation", help="MLflow experiment name")
     evaluate.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     evaluate.add_argument("--no-tracking", action="store_true", help="compute and print only; log nothing")
@@ -84,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     export = reader_sub.add_parser("export", help="write a blinded, randomised A/B image package and its key")
     export.add_argument("pipeline", help="method A: a pipeline YAML file or a built-in name")
     export.add_argument("--data", required=True, help="as for 'medidiff evaluate'")
-    export.add_argument("--baseline", default="identity", help="method B: a pipeline, or 'identity' (default)")
+    export.add_argument("--baseline", default="default",
+                        help="method B: a pipeline, 'identity', 'bicubic' or 'default' (the task's own baseline)")
     export.add_argument("-o", "--output", required=True, help="new folder: reader_package/ + key.json")
     export.add_argument("--cases", type=int, default=None, help="export only the first N cases")
     export.add_argument("--no-reference", action="store_true", help="do not show the reference image")

@@ -43,6 +43,8 @@ def provenance() -> dict[str, str]:
 
     info = {"medidiff_version": __version__}
     repo = Path(__file__).resolve().parents[1]
+    if not (repo / "pyproject.toml").is_file():  # installed from a wheel: site-packages is no checkout
+        return info
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
