@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -26,7 +27,8 @@ from medidiff.io.atomic import atomic_dir
 
 STATE_DIR = ".medidiff"
 MANIFEST = "manifest.json"
-LEFTOVER_PATTERNS = (".*.partial*", ".*.old-*")
+LEFTOVER_PATTERNS = (".*.partial-*", ".*.old-*")
+STUDY_FOLDER = re.compile(r"[0-9a-f]{12}")
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -98,15 +100,17 @@ class OutputFolder:
             return "holder unknown"
 
     def remove_leftovers(self) -> None:
-        """Delete partial and replaced files and folders that killed runs left behind (call under the lock)."""
-        folders = [self.path] + [p for p in self.path.iterdir() if p.is_dir() and p.name != STATE_DIR]
-        for folder in folders:
-            for pattern in LEFTOVER_PATTERNS:
-                for leftover in folder.glob(pattern):
-                    if leftover.is_dir():
-                        shutil.rmtree(leftover, ignore_errors=True)
-                    else:
-                        leftover.unlink(missing_ok=True)
+        """Delete partial and replaced series folders and reports that killed runs left behind (call under
+        the lock). Only medidiff's own names are touched: study folders are 12-hex-digit hashes."""
+        leftovers = list(self.path.glob(".report.*.partial-*"))
+        for study in self.path.iterdir():
+            if study.is_dir() and STUDY_FOLDER.fullmatch(study.name):
+                leftovers += [p for pattern in LEFTOVER_PATTERNS for p in study.glob(pattern)]
+        for leftover in leftovers:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     @contextmanager
     def series_writer(self, key: str) -> Iterator[Path]:
