@@ -218,6 +218,9 @@ def _listen(args) -> int:
     import signal
     import threading
 
+    if not args.verbose:  # its own error lines would break the JSON-lines log; the events say the same
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
     from medidiff.dicomnet.listener import Listener
     from medidiff.dicomnet.outbox import Destination
     from medidiff.pipeline import Pipeline

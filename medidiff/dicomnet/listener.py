@@ -146,4 +146,5 @@ class Listener:
                         queued += 1
         emit("study_processed", study=study, **{state.replace(" ", "_"): report.count(state) for state in
              ("done", "already done", "failed", "skipped")}, unreadable=len(report.refused), queued=queued,
-             seconds=round(report.seconds, 3))
+             seconds=round(report.seconds, 3),
+             failures=[{"series": r.series, "reason": r.message} for r in report.results if r.state == "failed"])

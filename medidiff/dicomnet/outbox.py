@@ -21,6 +21,7 @@ from medidiff.errors import InputError
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, study TEXT NOT NULL, state TEXT NOT NULL, "
           "attempts INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL)")
+CONNECT_TIMEOUT_SECONDS = 10  # an unreachable destination must not stall the listener's loop for long
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings
 
 
@@ -75,43 +76,45 @@ class Outbox:
                                "AND next_try <= ? ORDER BY id LIMIT 200", (time.time(),)).fetchall()
         if not due:
             return 0
-        datasets = self._read(due)
+        headers = self._headers(due)
         ae = AE(ae_title=self.calling_ae)
-        for context in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets.values()}):
+        ae.connection_timeout = ae.acse_timeout = CONNECT_TIMEOUT_SECONDS
+        for context in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in headers.values()}):
             ae.add_requested_context(*context)
         assoc = ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
         if not assoc.is_established:
-            delays = [self._retry(item, attempts) for item, _, attempts, _ in due if item in datasets]
+            delays = [self._retry(item, attempts) for item, _, attempts, _ in due if item in headers]
             emit("send_failed", reason="association with the destination failed", destination=str(self.destination),
                  instances=len(delays), retry_in_seconds=min(delays, default=0))
             return 0
         sent = 0
         try:
             for item, study, attempts, refusals in due:
-                if item in datasets:
-                    sent += self._send_one(assoc, item, study, attempts, refusals, datasets[item])
+                if item in headers:
+                    sent += self._send_one(assoc, item, study, attempts, refusals)
         finally:
             assoc.release()
         if sent:
             emit("sent", destination=str(self.destination), instances=sent, pending=self.pending())
         return sent
 
-    def _read(self, due: list) -> dict:
+    def _headers(self, due: list) -> dict:
+        """Each due item's header (pixel data left on disk until sent); unreadable items are marked lost."""
         import pydicom
 
-        datasets = {}
+        headers = {}
         for item, study, _, _ in due:
             try:
-                datasets[item] = pydicom.dcmread(self._file(item))
+                headers[item] = pydicom.dcmread(self._file(item), stop_before_pixels=True)
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 self._set(item, "lost")
                 emit("outbox_item_lost", study=study, item=item, reason=type(exc).__name__)
-        return datasets
+        return headers
 
-    def _send_one(self, assoc, item: int, study: str, attempts: int, refusals: int, ds) -> int:
+    def _send_one(self, assoc, item: int, study: str, attempts: int, refusals: int) -> int:
         try:
-            status = assoc.send_c_store(ds)
-        except (RuntimeError, ValueError) as exc:  # association lost, or no accepted presentation context
+            status = assoc.send_c_store(self._file(item))
+        except (RuntimeError, ValueError, OSError) as exc:  # association lost, no accepted context, file unreadable
             status, reason = None, str(exc)
         else:
             reason = "no response from the destination"

@@ -1,0 +1,151 @@
+"""A real Orthanc (Debian package) as the PACS and `medidiff listen` in a subprocess, on loopback.
+
+Shared by tests/test_dicom_listener.py and benchmarks/dicom_listener.py: start both, push studies by
+C-STORE (pynetdicom SCU), read what arrived in Orthanc from its REST API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from tests.cli_runner import CLI
+
+LISTENER_AE, PUSHER_AE, ORTHANC_AE = "MEDIDIFF", "MODALITY", "ORTHANC"
+DERIVED_DESCRIPTION = "medidiff normalized 256px"  # pipelines/normalize-preview.yaml
+
+
+def orthanc_binary() -> str | None:
+    """The Orthanc executable, installed with apt-get when missing; None when that is impossible."""
+    if not shutil.which("Orthanc"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "orthanc"], capture_output=True, timeout=600)
+    return shutil.which("Orthanc")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, what: str, seconds: float = 120.0, log: Path | None = None):
+    """Poll ``condition`` until it returns something truthy; else AssertionError naming ``what`` (and the log)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {seconds:.0f} s" +
+                         (f"; listener log:\n{log.read_text()}" if log else ""))
+
+
+@contextlib.contextmanager
+def orthanc(binary: str, folder: Path, dicom_port: int, listener_port: int):
+    """A throw-away Orthanc that accepts C-STORE from the listener's AE only; yields its REST URL."""
+    http_port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "medidiff-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": ORTHANC_AE, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "Plugins": [], "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True, "DicomModalities": {"medidiff": [LISTENER_AE, "127.0.0.1", listener_port]},
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with open(folder / "orthanc.log", "wb") as log:
+        process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_for(lambda: get(url, "/system") is not None or process.poll() is not None, "Orthanc start", 60)
+        assert process.poll() is None, (folder / "orthanc.log").read_text()
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def get(url: str, path: str):
+    """Orthanc's REST answer as JSON, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(url + path, timeout=5) as response:
+            return json.load(response)
+    except OSError:
+        return None
+
+
+def derived_series(url: str) -> list[dict]:
+    """The series medidiff wrote into Orthanc: [{study_uid, instances, image_type}]."""
+    found = []
+    for study in get(url, "/studies?expand") or []:
+        for series_id in study["Series"]:
+            series = get(url, f"/series/{series_id}")
+            if series["MainDicomTags"].get("SeriesDescription") == DERIVED_DESCRIPTION:
+                tags = get(url, f"/instances/{series['Instances'][0]}/simplified-tags")
+                found.append({"study_uid": study["MainDicomTags"]["StudyInstanceUID"],
+                              "instances": len(series["Instances"]), "image_type": tags.get("ImageType", "")})
+    return found
+
+
+@contextlib.contextmanager
+def listener(folder: Path, port: int, destination: str | None = None, idle_seconds: float = 1.0):
+    """`medidiff listen normalize-preview` into ``folder/out``; yields its JSON-lines log; stops it with SIGTERM
+    and checks that it stopped cleanly."""
+    args = [*CLI, "listen", "normalize-preview", "--ae-title", LISTENER_AE, "--port", str(port), "--bind",
+            "127.0.0.1", "-o", str(folder / "out"), "--allow", PUSHER_AE, "--idle-seconds", str(idle_seconds)]
+    if destination:
+        args += ["--destination", destination]
+    log = folder / "listener.log"
+    with open(log, "ab") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+    stops_before = len(events(log, "stopped"))
+    try:
+        wait_for(lambda: echo(port, PUSHER_AE) or process.poll() is not None, "listener start", log=log)
+        assert process.poll() is None, log.read_text()
+        yield log
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, log.read_text()
+    assert len(events(log, "stopped")) == stops_before + 1, log.read_text()
+
+
+def events(log: Path, name: str) -> list[dict]:
+    """The listener's logged events called ``name``, in order."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [e for e in lines if e["event"] == name]
+
+
+def echo(port: int, calling_ae: str) -> bool:
+    """True when the listener accepts an association from ``calling_ae`` and answers C-ECHO."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=LISTENER_AE)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return status.get("Status") == 0x0000
+
+
+def push(paths: list[Path], port: int) -> list[int]:
+    """C-STORE the CT files ``paths`` to the listener over one association; the status of each."""
+    ae = AE(ae_title=PUSHER_AE)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=LISTENER_AE)
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in paths]
+    assoc.release()
+    return statuses
