@@ -7,6 +7,7 @@ Orthanc tests skip only when that is impossible.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pydicom
@@ -15,6 +16,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 
+from tests.cli_runner import assert_user_error, medidiff
 from tests.orthanc import (
     LISTENER_AE,
     ORTHANC_AE,
@@ -90,7 +92,7 @@ def test_outbox_survives_a_listener_restart(orthanc_path, tmp_path):
     assert len(events(log, "study_processed")) == 1  # the restart did not redo the study
 
 
-def test_unknown_calling_ae_and_non_image_rejected_listener_keeps_serving(tmp_path):
+def test_unknown_ae_non_image_garbage_and_second_listener_refused_listener_keeps_serving(tmp_path):
     port = free_port()
     no_pixels = pydicom.dcmread(ct_series_copies(tmp_path / "in", 1)[0])
     del no_pixels.PixelData
@@ -109,6 +111,12 @@ def test_unknown_calling_ae_and_non_image_rejected_listener_keeps_serving(tmp_pa
             assoc.send_c_store(pydicom.dcmread(get_testdata_file("rtplan.dcm")))
         assert assoc.send_c_store(no_pixels).Status == 0xA900
         assoc.release()
+
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # not a DICOM association at all
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)))
+        second = medidiff("listen", "normalize-preview", "--ae-title", LISTENER_AE, "--port", free_port(),
+                          "-o", tmp_path / "out")
+        assert_user_error(second, 2, "in use by another medidiff run")
 
         assert echo(port, PUSHER_AE)
     assert not list((tmp_path / "out" / ".medidiff" / "listener" / "incoming").glob("*/*.dcm"))

@@ -19,7 +19,7 @@ from medidiff.dicomnet.events import emit
 from medidiff.dicomnet.outbox import Destination, Outbox
 from medidiff.dicomnet.studies import StudySpool
 from medidiff.errors import InputError, MedidiffError
-from medidiff.output_folder import STATE_DIR
+from medidiff.output_folder import STATE_DIR, OutputFolder
 from medidiff.pipeline import Pipeline
 
 LISTENER_DIR = "listener"  # in OUT/.medidiff/: incoming/ (the spool) and outbox/
@@ -59,12 +59,13 @@ class Listener:
         """Listen, process complete studies and deliver results until ``stop`` is set."""
         from medidiff.io.privacy import output_salt
 
+        work = OutputFolder(self.work_dir)  # its lock keeps a second listener off this output folder
         try:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            work.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create {self.work_dir}: {exc.strerror}; choose another folder with --output") \
                 from None
-        with output_salt(self.output / STATE_DIR) as salt:
+        with work.lock(), output_salt(self.output / STATE_DIR) as salt:
             spool = StudySpool(self.work_dir / "incoming", salt)
             outbox = self.destination and Outbox(self.work_dir / "outbox", self.destination, self.ae_title)
             server = self._start_server(spool)

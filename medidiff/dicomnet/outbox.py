@@ -3,7 +3,8 @@
 Each file is hard-linked (or copied) into ``ROOT/<id>.dcm`` and queued in ``ROOT/outbox.sqlite``, so
 nothing is lost when the destination is down or the listener restarts. A failed send is retried with
 exponential backoff (capped); a file the destination keeps refusing is given up after a few refusals
-and logged. Sent files are removed from the outbox.
+and logged (state ``refused``; ``lost`` for a file gone from the outbox).
+Sent files leave the outbox.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class Outbox:
             reason = "no response from the destination"
         code = status.get("Status") if status else None
         if code in SUCCESS_STATUSES:
-            self._set(item, "sent")
+            self._db.execute("DELETE FROM items WHERE id = ?", (item,))
             self._file(item).unlink(missing_ok=True)
             return 1
         if code is None:

@@ -21,12 +21,14 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS studies (study TEXT PRIMARY KEY, received R
 
 
 class StudySpool:
-    """Received instances under ``root``, grouped by hashed StudyInstanceUID."""
+    """Received instances under ``root``, grouped by hashed StudyInstanceUID (one listener per ``root``)."""
 
     def __init__(self, root: Path, salt: str):
         self.root, self._salt = Path(root), salt
         self._tmp = self.root / ".receiving"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():  # instances whose C-STORE a killed listener never confirmed
+            leftover.unlink()
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "studies.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute(SCHEMA)
