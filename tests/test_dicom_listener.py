@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 
+from medidiff.output_folder import OutputFolder
 from tests.cli_runner import assert_user_error, medidiff
 from tests.orthanc import (
     LISTENER_AE,
@@ -120,3 +121,16 @@ def test_unknown_ae_non_image_garbage_and_second_listener_refused_listener_keeps
 
         assert echo(port, PUSHER_AE)
     assert not list((tmp_path / "out" / ".medidiff" / "listener" / "incoming").glob("*/*.dcm"))
+
+
+def test_study_postponed_while_the_output_folder_is_busy_then_processed(tmp_path):
+    port = free_port()
+    study = ct_series_copies(tmp_path / "in", 1)
+    with listener(tmp_path, port) as log:
+        with OutputFolder(tmp_path / "out").lock():  # as a `medidiff run` on the same folder would
+            assert push(study, port) == [0x0000]
+            postponed = wait_for(lambda: events(log, "study_postponed"), "a postponed study", log=log)
+            assert "in use by another medidiff run" in postponed[0]["reason"]
+            assert not events(log, "study_processed")
+        processed = wait_for(lambda: events(log, "study_processed"), "the study once the folder is free", log=log)
+    assert (processed[0]["study"], processed[0]["done"]) == (postponed[0]["study"], 1)

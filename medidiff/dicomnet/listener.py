@@ -133,8 +133,9 @@ class Listener:
         started = time.time()
         try:
             report = run_pipeline(self.pipeline, spool.folder(study), self.output, progress=False)
-        except MedidiffError as exc:  # e.g. the output folder is in use by a `medidiff run`: try again later
-            emit("study_postponed", study=study, reason=str(exc), retry_in_seconds=self.idle_seconds)
+        except (MedidiffError, OSError) as exc:  # e.g. OUT in use by a `medidiff run`, disk full: try again later
+            reason = str(exc) if isinstance(exc, MedidiffError) else f"file system error ({exc.strerror})"
+            emit("study_postponed", study=study, reason=reason, retry_in_seconds=self.idle_seconds)
             spool.touch(study)
             return
         spool.mark_processed(study, started)
