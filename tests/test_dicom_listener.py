@@ -7,7 +7,9 @@ Orthanc tests skip only when that is impossible.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 
 import pydicom
@@ -134,3 +136,34 @@ def test_study_postponed_while_the_output_folder_is_busy_then_processed(tmp_path
             assert not events(log, "study_processed")
         processed = wait_for(lambda: events(log, "study_processed"), "the study once the folder is free", log=log)
     assert (processed[0]["study"], processed[0]["done"]) == (postponed[0]["study"], 1)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """``tmp_path/out`` on a 2 MB tmpfs (needs root to mount)."""
+    mount = tmp_path / "out"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs to simulate a full disk needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_spool_disk_refuses_the_instance_and_keeps_serving(tiny_disk, tmp_path):
+    port = free_port()
+    study = ct_series_copies(tmp_path / "in", 1)
+    with listener(tmp_path, port) as log:
+        filler = tiny_disk / "filler"
+        stats = os.statvfs(tiny_disk)
+        filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 8192))  # less room than one CT image
+        assert push(study, port) == [0xA700]  # out of resources
+        assert events(log, "instance_not_stored")[0]["reason"] == "No space left on device"
+        incoming = tiny_disk / ".medidiff" / "listener" / "incoming"
+        assert not [p for p in incoming.rglob("*") if p.is_file() and p.name != "studies.sqlite"]
+
+        filler.unlink()
+        assert push(study, port) == [0x0000]
+        processed = wait_for(lambda: events(log, "study_processed"), "the study once there is room", log=log)
+    assert processed[0]["done"] == 1
