@@ -9,7 +9,6 @@ and redo what changed. One bad series never stops the batch: its reason goes int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -70,7 +69,7 @@ class RunReport:
             f"{len(self.refused)} unreadable file(s); {self.seconds:.1f} s",
         ]
         for r in self.results:
-            if r.state in ("failed", "skipped"):
+            if r.state in ("failed", "skipped") or r.state == "done" and r.message:
                 lines.append(f"  {r.state:7s} series {r.series} ({r.modality} {r.size}): {r.message}")
         for refusal in self.refused[:20]:
             lines.append(f"  unreadable file {refusal['file']}: {refusal['reason']}")
@@ -79,7 +78,7 @@ class RunReport:
         if self.refused:
             lines.append(f"  (their paths, for the operator only: {STATE_DIR}/{LOCAL_REFUSALS})")
         if not self.results:
-            lines.append("  no DICOM image series found in the input")
+            lines.append("  no image series (DICOM, NIfTI, NRRD or MetaImage) found in the input")
         elif self.count("done") + self.count("already done") == 0 and not self.count("failed"):
             lines.append("  no series matched the pipeline's selection rules (see 'skipped' above)")
         return "\n".join(lines)
@@ -129,7 +128,7 @@ def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) ->
     from medidiff.io.privacy import hash_identifier
 
     study = hash_identifier(series.study_uid)
-    key, content = f"{study}/{series.key}", _content_digest(series)
+    key, content = f"{study}/{series.key}", series.content_digest()
     result = SeriesResult(
         series=series.key, study=study, modality=series.modality or "?",
         size=f"{series.rows}x{series.columns}x{series.frames}", state="skipped",
@@ -151,8 +150,8 @@ def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) ->
     journal.record(key, pipeline.digest, content, "running")
     start = time.perf_counter()
     try:
-        result.outputs = _run_one(pipeline, series, out, key)
-        result.state = "done"
+        result.outputs, notes = _run_one(pipeline, series, out, key)
+        result.state, result.message = "done", "; ".join(filter(None, [result.message, *notes]))
     except MedidiffError as exc:
         result.state, result.message = "failed", str(exc)
     except OSError as exc:  # disk full, permissions: the operator can act on it
@@ -172,25 +171,15 @@ def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) ->
     return result
 
 
-def _content_digest(series) -> str:
-    """Digest of a series' instances (SOP Instance UIDs and file sizes): changes when the series does."""
-    import pydicom
-
-    parts = []
-    for file in series.files:
-        ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        parts.append(f"{ds.get('SOPInstanceUID', '')}:{file.stat().st_size}")
-    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
-
-
-def _run_one(pipeline: Pipeline, series, out: OutputFolder, key: str) -> list[str]:
+def _run_one(pipeline: Pipeline, series, out: OutputFolder, key: str) -> tuple[list[str], list[str]]:
+    """(the series' output files, notes for the report)."""
     from medidiff.io.loading import load_item
     from medidiff.outputs import write_outputs
 
     item = pipeline(load_item(series))
     with out.series_writer(key) as folder:
-        write_outputs(item, pipeline, folder)
-    return out.files(key)
+        notes = write_outputs(item, pipeline, folder)
+    return out.files(key), notes
 
 
 def _write_local_refusals(refused: list, state_dir: Path) -> None:

@@ -6,21 +6,32 @@ from pathlib import Path
 
 from medidiff.pipeline import Pipeline
 
+NIFTI_INSTEAD = ("DICOM output asked for, but the source is a {} volume with no DICOM header to derive "
+                 "a series from: written as image.nii.gz instead")
 
-def write_outputs(item: dict, pipeline: Pipeline, folder: Path) -> None:
-    """Write ``item`` into ``folder`` per ``pipeline.outputs``."""
+
+def write_outputs(item: dict, pipeline: Pipeline, folder: Path) -> list[str]:
+    """Write ``item`` into ``folder`` per ``pipeline.outputs``; returns notes for the report (may be empty).
+
+    A research volume (NIfTI/NRRD/MetaImage source) is never written as derived DICOM: when the pipeline
+    asks for DICOM it gets ``image.nii.gz`` instead, with a note saying so.
+    """
     from medidiff.io import writers
 
     outputs = pipeline.outputs or {"png": {}}
-    image = item["image"]
-    if "dicom" in outputs:
+    image, source, notes = item["image"], item["source"], []
+    nifti = "nifti" in outputs
+    if "dicom" in outputs and not source.is_dicom:
+        notes.append(NIFTI_INSTEAD.format(source.source_format))
+        nifti = True
+    elif "dicom" in outputs:
         options = outputs["dicom"]
         writers.write_derived_dicom(
-            image, item["source"], folder / "dicom",
+            image, source, folder / "dicom",
             series_description=options.get("series_description", f"medidiff {pipeline.name}")[:64],
             derivation_description=options.get("derivation_description", _derivation(pipeline))[:1024],
         )
-    if "nifti" in outputs:
+    if nifti:
         writers.write_nifti(image, folder / "image.nii.gz")
     if "png" in outputs:
         writers.write_png(image, folder / "preview.png")
@@ -29,6 +40,7 @@ def write_outputs(item: dict, pipeline: Pipeline, folder: Path) -> None:
             writers.write_png(layer, folder / f"{key}.png")
         if outputs["png"].get("panel", True) and "original" in item:
             writers.write_panel(item["original"], image, folder / "panel.png", extra=extra)
+    return notes
 
 
 def _derivation(pipeline: Pipeline) -> str:

@@ -165,3 +165,31 @@ def test_atomic_helpers(tmp_path):
 def test_hash_identifier():
     assert hash_identifier("x", salt="s") == hash_identifier("x", salt="s") != hash_identifier("x", salt="t")
     assert len(hash_identifier("patient")) == 12
+
+
+def _plane_centre(ds) -> np.ndarray:
+    """World (LPS) position of the centre of a DICOM image plane."""
+    iop = np.asarray(ds.ImageOrientationPatient, float)
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+    return (np.asarray(ds.ImagePositionPatient, float) + iop[:3] * dc * (int(ds.Columns) - 1) / 2
+            + iop[3:] * dr * (int(ds.Rows) - 1) / 2)
+
+
+@pytest.mark.parametrize("max_size", [256, 32])
+def test_resized_series_is_written_in_the_same_place(pydicom_files_dir, tmp_path, max_size):
+    from medidiff.stages.basic import ResizeInPlane
+
+    series = _series(pydicom_files_dir / "dicomdirtests/77654033/CT2")
+    item = ResizeInPlane(max_size=max_size)(load_item(series))
+    written = write_derived_dicom(item["image"], series, tmp_path / "o", series_description="s",
+                                  derivation_description="d")
+    assert len(written) == len(series.files)
+    for out, src_file in zip(written, series.files, strict=True):
+        src, got = pydicom.dcmread(src_file), pydicom.dcmread(out)
+        scale = int(src.Columns) / int(got.Columns)
+        assert max(int(got.Rows), int(got.Columns)) == max_size
+        np.testing.assert_allclose([float(v) for v in got.PixelSpacing],
+                                   [float(v) * scale for v in src.PixelSpacing], rtol=1e-3)
+        np.testing.assert_allclose(_plane_centre(got), _plane_centre(src), atol=1e-3)
+        np.testing.assert_allclose(np.asarray(got.ImageOrientationPatient, float),
+                                   np.asarray(src.ImageOrientationPatient, float), atol=1e-6)

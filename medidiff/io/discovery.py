@@ -1,4 +1,7 @@
-"""Header-only scan of a DICOM source: group files into series, refuse the rest with a reason.
+"""Header-only scan of a source: group DICOM files into series, refuse the rest with a reason.
+
+NIfTI, NRRD and MetaImage volume files (``medidiff.io.volumes``) are one series each, mixed with DICOM
+or alone; their JSON sidecars are read with them, not scanned as DICOM.
 
 Inputs are treated as hostile: every file read is resolved and confined to the input root (symbolic
 links and DICOMDIR references that leave it are refused without naming their target); zips are
@@ -9,6 +12,7 @@ never merged; headers whose geometry or values would be silently altered are ref
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections import defaultdict
@@ -25,6 +29,7 @@ from medidiff.io.archive import Extraction, is_zip
 from medidiff.io.headers import as_list, quiet_pydicom, read_checked, transfer_syntax
 from medidiff.io.privacy import hash_identifier
 from medidiff.io.text import clean_text
+from medidiff.io.volumes import describe_volume, sidecar_of, volume_format
 
 REFUSED_REASON_LIMIT = 300
 OUTSIDE = "points outside the input folder (symbolic link or '..'); not followed"
@@ -55,6 +60,12 @@ class SeriesRef:
     series_description: str = ""
     root: Path | None = None
     keepalive: object = field(default=None, repr=False, compare=False)  # a zip extraction to keep
+    source_format: str = "DICOM"  # or a volume format: "NIfTI", "NRRD", "MetaImage" (no DICOM header)
+
+    @property
+    def is_dicom(self) -> bool:
+        """False for a research volume: nothing to derive a DICOM series from."""
+        return self.source_format == "DICOM"
 
     @property
     def key(self) -> str:
@@ -65,6 +76,21 @@ class SeriesRef:
     def is_3d(self) -> bool:
         """True for a stack of slices or a multi-frame instance (the image gets a slice axis)."""
         return self.frames > 1
+
+    def content_digest(self) -> str:
+        """Digest of what the series holds: its instances (SOP Instance UIDs and file sizes) for DICOM, the
+        file's sha256 for a volume. It changes when the series does (the journal then redoes it)."""
+        if not self.is_dicom:
+            digest = hashlib.sha256()
+            with open(self.files[0], "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+            return digest.hexdigest()[:16]
+        parts = []
+        for file in self.files:
+            ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            parts.append(f"{ds.get('SOPInstanceUID', '')}:{file.stat().st_size}")
+        return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
 
     def file_id(self, file: Path) -> str:
         """The shareable name of one of the files: the salted hash of its path relative to the root."""
@@ -200,7 +226,8 @@ def discover(path: str | Path) -> Inventory:
         if not files and not inventory.refused:
             raise InputError(f"input folder {path} is empty")
     else:
-        files = _dicomdir_files(path, root, inventory.refused) or [path]
+        files = [path] if volume_format(path) else _dicomdir_files(path, root, inventory.refused) or [path]
+    volumes, files = _split_volumes(files)
     headers = []
     with quiet_pydicom():
         for file in files:
@@ -210,7 +237,34 @@ def discover(path: str | Path) -> Inventory:
             else:
                 headers.append((file, header))
         inventory.series = _group(headers, root, inventory.refused)
+    for file in volumes:
+        found = _volume_series(file, root)
+        (inventory.refused if isinstance(found, Refusal) else inventory.series).append(found)
     return inventory
+
+
+def _split_volumes(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(volume files, the other files less the volumes' JSON sidecars)."""
+    volumes = [f for f in files if volume_format(f)]
+    sidecars = {sidecar_of(f) for f in volumes}
+    return volumes, [f for f in files if f not in sidecars and not volume_format(f)]
+
+
+def _volume_series(file: Path, root: Path) -> SeriesRef | Refusal:
+    """A research volume as a series of its own (keyed by its relative path), or the reason it is refused."""
+    rel = relative_path(file, root)
+    sidecar = sidecar_of(file)
+    usable = sidecar.exists() and _confinement_problem(sidecar, root.resolve()) is None  # else refused by _walk
+    facts = describe_volume(file, sidecar if usable else None)
+    if isinstance(facts, str):
+        return Refusal(rel, facts)
+    return SeriesRef(
+        study_uid=f"volumes:{Path(rel).parent}", series_uid=f"volume:{rel}", patient_hash="-",
+        modality=facts["modality"] or "OT", body_part=facts["body_part"], image_type=(), view_position="",
+        rows=facts["rows"], columns=facts["columns"], frames=facts["frames"], photometric="MONOCHROME2",
+        transfer_syntaxes=(facts["format"],), files=[file], series_description=facts["series_description"],
+        root=root, source_format=facts["format"],
+    )
 
 
 def relative_path(file: Path, root: Path) -> str:

@@ -37,20 +37,32 @@ def load_series(series: SeriesRef) -> MetaTensor:
     ignores PixelSpacing when ImageOrientationPatient is absent, as in CR/DX). MONOCHROME1 images are
     inverted over their representable range; ``meta["medidiff_inverted"]`` and ``meta["medidiff_range"]``
     let the writer restore them. Errors name files by ``series.file_id`` (a salted hash), never by path.
+    NIfTI/NRRD/MetaImage volumes are read by SimpleITK (``medidiff.io.volumes.read_volume``) into the same
+    layout and meta.
     """
-    headers = [read_header(f) for f in series.files]
-    volume = np.concatenate([_pixels(series, f, ds) for f, ds in zip(series.files, headers, strict=True)], axis=-1)
-    first = headers[0]
+    meta: dict = {"filename_or_obj": series.file_id(series.files[0]), "medidiff_inverted": False}  # no paths
+    if not series.is_dicom:
+        from medidiff.io.volumes import read_volume
+
+        try:
+            volume, affine = read_volume(series.files[0])
+        except RuntimeError as exc:  # the file changed since discovery proved it whole
+            raise InputError(f"series {series.key}, file {series.file_id(series.files[0])}: "
+                             f"{series.source_format} file cannot be read") from exc
+    else:
+        headers = [read_header(f) for f in series.files]
+        volume = np.concatenate([_pixels(series, f, ds) for f, ds in zip(series.files, headers, strict=True)],
+                                axis=-1)
+        first = headers[0]
+        if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            lo, hi = _value_range(first)
+            volume = (lo + hi) - volume
+            meta.update(medidiff_inverted=True, medidiff_range=(lo, hi))
+        if volume.shape[-1] == 1:
+            volume = volume[..., 0]
+        affine = dicom_affine(headers, volume.shape[-1] if volume.ndim == 3 else 1)
     if not np.isfinite(volume).all():
         raise InputError(f"series {series.key}: pixel data holds NaN or infinite values")
-    meta: dict = {"filename_or_obj": series.file_id(series.files[0]), "medidiff_inverted": False}  # no paths
-    if str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        lo, hi = _value_range(first)
-        volume = (lo + hi) - volume
-        meta.update(medidiff_inverted=True, medidiff_range=(lo, hi))
-    if volume.shape[-1] == 1:
-        volume = volume[..., 0]
-    affine = dicom_affine(headers, volume.shape[-1] if volume.ndim == 3 else 1)
     spatial = volume.shape
     meta.update(
         affine=torch.as_tensor(affine, dtype=torch.float64),

@@ -18,7 +18,7 @@ from medidiff.display import before_after_figure, display_slice, percentile_wind
 from medidiff.errors import OutputError
 from medidiff.io.atomic import atomic_dir, atomic_write
 from medidiff.io.discovery import SeriesRef
-from medidiff.io.headers import read_header, transfer_syntax
+from medidiff.io.headers import header_geometry, read_header, transfer_syntax
 from medidiff.io.loading import dicom_affine, stored_range
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -60,14 +60,16 @@ def write_derived_dicom(
     multi_frame = len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1
     slices = 1 if multi_frame or volume.ndim == 2 else volume.shape[2]
     stored, rescale = _quantise(volume, headers[0])
-    same_grid = slices == len(headers) and np.allclose(affine, dicom_affine(headers, slices), atol=1e-4)
+    source_affine = dicom_affine(headers, slices)
+    same_grid = slices == len(headers) and np.allclose(affine, source_affine, atol=1e-4)
+    offsets = _slice_offsets(headers, affine, source_affine, slices)
     now = dt.datetime.now()
     written = []
     with atomic_dir(out_dir) as tmp:
         for k in range(slices):
             src = headers[min(round(k * len(headers) / slices), len(headers) - 1)]
             pixels = stored if multi_frame or stored.ndim == 2 else stored[:, :, k]
-            ds = _derived(src, pixels, rescale, None if same_grid else affine, k, headers[0], now)
+            ds = _derived(src, pixels, rescale, None if same_grid else affine, offsets[k], headers[0], now)
             ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
             ds.SeriesDescription = series_description[:64]
             ds.DerivationDescription = derivation_description[:1024]
@@ -175,7 +177,8 @@ def _quantise(volume: np.ndarray, header: Dataset) -> tuple[np.ndarray, tuple[fl
     return np.clip(np.rint((volume - intercept) / slope), smin, smax), (slope, intercept)
 
 
-def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | None, k: int, first: Dataset,
+def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | None, offset: np.ndarray,
+             first: Dataset,
              now: dt.datetime) -> Dataset:
     """A derived instance built from ``src``'s header with ``pixels`` (cols, rows[, frames]).
 
@@ -207,7 +210,7 @@ def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | Non
     if frames > 1:
         ds.NumberOfFrames = frames
     if affine is not None:
-        _geometry(ds, src, affine, k, source_rows, source_cols)
+        _geometry(ds, src, affine, offset, source_rows, source_cols)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -267,13 +270,27 @@ def _pixel_module(ds: Dataset, pixels: np.ndarray, rescale, first: Dataset) -> N
     ds["PixelData"].VR = "OW" if allocated > 8 else "OB"
 
 
-def _geometry(ds: Dataset, src: Dataset, affine: np.ndarray, k: int, source_rows: int, source_cols: int) -> None:
-    """Plane geometry from the image affine when the source has it; else scale the source's spacing."""
+def _slice_offsets(headers: list[Dataset], affine: np.ndarray, source_affine: np.ndarray, slices: int) -> list:
+    """Each output slice's LPS offset from the first: the source slices' true offsets while the slice axis is
+    the source's (an in-plane resample of an irregularly spaced series keeps its positions), else even steps."""
+    step = (RAS_TO_LPS @ affine)[:3, 2]
+    positions = [header_geometry(ds)[1] for ds in headers]
+    if (slices == len(headers) > 1 and None not in positions
+            and np.allclose(affine[:3, 2], source_affine[:3, 2], atol=1e-4)):
+        first = np.asarray(positions[0], float)
+        return [np.asarray(p, float) - first for p in positions]
+    return [k * step for k in range(slices)]
+
+
+def _geometry(ds: Dataset, src: Dataset, affine: np.ndarray, offset: np.ndarray, source_rows: int,
+              source_cols: int) -> None:
+    """Plane geometry from the image affine (``offset``: this slice's LPS offset from the first) when the
+    source has it; else scale the source's spacing."""
     if "ImageOrientationPatient" in src and "ImagePositionPatient" in src:
         lps = RAS_TO_LPS @ affine
         dc, dr = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
         row_dir, col_dir = lps[:3, 0] / dc, lps[:3, 1] / dr
-        position = lps[:3, 3] + k * lps[:3, 2]
+        position = lps[:3, 3] + offset
         ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in (*row_dir, *col_dir)]
         ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position]
         ds.PixelSpacing = [format_number_as_ds(float(dr)), format_number_as_ds(float(dc))]

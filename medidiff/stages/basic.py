@@ -1,4 +1,4 @@
-"""Model-free stages: intensity normalisation and in-plane resizing (built on MONAI transforms)."""
+"""Model-free stages: intensity normalisation (MONAI) and geometry-keeping in-plane resizing (SimpleITK)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,14 @@ class NormalizeIntensity:
 
 @register_stage(
     "resize_in_plane",
-    summary="Resize each slice so its longer side is max_size pixels (MONAI Resize, area/bilinear).",
+    summary="Resample each slice so its longer side is max_size pixels, keeping the physical extent "
+            "(SimpleITK: origin, spacing and direction stay right).",
 )
 class ResizeInPlane:
-    """Downsize (or upsize) in-plane, keeping the aspect ratio and the slice count.
+    """Downsize (or upsize) in-plane, keeping the aspect ratio, the slice count and the field of view.
+
+    The image keeps its place in the world: spacing scales with the resize, the origin moves by half the
+    change of pixel size, direction is kept (``medidiff.io.volumes.resample``); shrinking is anti-aliased.
 
     Args:
         max_size: target length of the longer in-plane side, in pixels (16..8192).
@@ -62,11 +66,10 @@ class ResizeInPlane:
         self.max_size = max_size
 
     def __call__(self, item: dict) -> dict:
-        from monai.transforms import Resize
+        from medidiff.io.volumes import resample
 
         image = check_finite(item, "resize_in_plane")
         cols, rows = image.shape[1:3]
         scale = self.max_size / max(cols, rows)
         size = (max(1, round(cols * scale)), max(1, round(rows * scale)), *image.shape[3:])
-        mode = "area" if scale < 1 else "bilinear"
-        return item | {"image": Resize(spatial_size=size, mode=mode)(image)}
+        return item | {"image": resample(image, size=size)}
