@@ -33,16 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (never patient data)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    inspect = sub.add_parser("inspect", help="list the studies and series in a folder, zip or DICOMDIR",
+    inspect = sub.add_parser("inspect", help="list the studies and series in a folder, zip, DICOMDIR or volume",
                              description="List studies and series (identifiers hashed) and every file that "
                              "cannot be used, with the reason. Unusable files are shown by their path "
                              "relative to the input, for your own terminal; `run` reports name them by hash.")
-    inspect.add_argument("path", help="folder, .zip, DICOMDIR or single DICOM file")
+    inspect.add_argument("path", help="folder, .zip, DICOMDIR, single DICOM file or .nii[.gz]/.nrrd/.mha volume")
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     run = sub.add_parser("run", help="run a pipeline over every matching series of INPUT")
     run.add_argument("pipeline", help="a pipeline YAML file or a built-in name (see pipelines/)")
-    run.add_argument("input", help="folder, .zip, DICOMDIR or single DICOM file (never modified)")
+    run.add_argument("input", help="folder, .zip, DICOMDIR, single DICOM file or .nii[.gz]/.nrrd/.mha volume "
+                     "(never modified; volumes are written as NIfTI, never as DICOM)")
     run.add_argument("-o", "--output", required=True, help="output folder (created; re-runs resume)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
