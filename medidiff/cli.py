@@ -23,6 +23,17 @@ EPILOG = """examples:
 """
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medidiff",
@@ -70,8 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", help="a pipeline to compare with (paired test), 'identity' (the input), "
                           "'bicubic' (the input resampled to the reference grid) or 'default' (the task's own)")
     evaluate.add_argument("--experiment", default="medidiff-evaluation", help="MLflow experiment name")
-    evaluate.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    evaluate.add_argument("--cases", type=_positive_int, default=None, help="evaluate only the first N cases")
     evaluate.add_argument("--no-tracking", action="store_true", help="compute and print only; log nothing")
+    evaluate.add_argument("-o", "--output", help="new folder for the local copy of the results (default when "
+                          "tracking: evaluations/<pipeline>-<data>-<time>/)")
 
     models = sub.add_parser("models", help="the MLflow model registry")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
@@ -89,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--baseline", default="default",
                         help="method B: a pipeline, 'identity', 'bicubic' or 'default' (the task's own baseline)")
     export.add_argument("-o", "--output", required=True, help="new folder: reader_package/ + key.json")
-    export.add_argument("--cases", type=int, default=None, help="export only the first N cases")
+    export.add_argument("--cases", type=_positive_int, default=None, help="export only the first N cases")
     export.add_argument("--no-reference", action="store_true", help="do not show the reference image")
     export.add_argument("--seed", type=int, default=None, help="randomisation seed (default: random)")
     import_ = reader_sub.add_parser("import", parents=[tracking], help="analyse readers' score CSVs, log to MLflow")
@@ -184,8 +197,14 @@ def _evaluate(args) -> int:
     from medidiff.evaluation import evaluate
 
     result = evaluate(args.pipeline, args.data, baseline=args.baseline, tracking_uri=args.tracking_uri,
-                      experiment=args.experiment, cases=args.cases, track=not args.no_tracking)
+                      experiment=args.experiment, cases=args.cases, track=not args.no_tracking, output=args.output)
     print(result.table())
+    if result.local_copy:
+        print(f"results saved in {result.local_copy}")
+    if result.tracking_error:
+        print(f"medidiff evaluate: error: MLflow did not store the run completely ({result.tracking_error}); "
+              f"the results are saved in {result.local_copy}", file=sys.stderr)
+        return 2
     return 0 if not result.failed else 1
 
 

@@ -38,8 +38,6 @@ def before_after_figure(before, after, *, extra: dict | None = None, titles=("be
     No pyplot state, so it saves anywhere and shows in notebooks. Each image gets its own
     percentile window; the difference is left out when before and after differ in size.
     """
-    from matplotlib.figure import Figure
-
     first, second = display_slice(before), display_slice(after)
     same_grid = first.shape == second.shape
     first, second = downsized(first), downsized(second)
@@ -51,14 +49,22 @@ def before_after_figure(before, after, *, extra: dict | None = None, titles=("be
     for title, image in (extra or {}).items():
         array = downsized(display_slice(image))
         panels.append((title, array, "gray", percentile_window(array)))
-    fig = Figure(figsize=(4.2 * len(panels), 4.6))
+    return panel_figure(panels, colour_bars="difference")
+
+
+def panel_figure(panels: list[tuple], *, units: str = "image units", colour_bars: str = "all"):
+    """A Figure of ``(title, array, cmap, (lo, hi))`` panels side by side; colour bars labelled ``units``
+    on every panel (``colour_bars="all"``) or only on the non-grey ones (``"difference"``)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.4 * len(panels), 4.6))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, array, cmap, (lo, hi)) in zip(axes[0], panels, strict=True):
         shown = ax.imshow(array, cmap=cmap, vmin=lo, vmax=hi)
         ax.set_title(title)
         ax.axis("off")
-        if cmap != "gray":
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        if colour_bars == "all" or cmap != "gray":
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).set_label(units)
     fig.tight_layout()
     return fig
 
@@ -67,3 +73,21 @@ def show_before_after(item: dict, *, extra_keys: tuple[str, ...] = ("bone",)):
     """Show an item's original and processed image (and e.g. the removed bone layer) in a notebook."""
     extra = {key: item[key] for key in extra_keys if key in item}
     return before_after_figure(item["original"], item["image"], extra=extra)
+
+
+def evaluation_figure(image, output, reference, *, units: str = "image units"):
+    """A matplotlib Figure: input | output | reference | error (output - reference).
+
+    Input, output and reference share the reference's percentile window, so grey levels compare; every
+    panel has a colour bar labelled in ``units`` (the images' own values, not a normalised scale).
+    """
+    ref = downsized(display_slice(reference))
+    window = percentile_window(ref)
+    out = downsized(display_slice(output))
+    panels = [("input", downsized(display_slice(image)), "gray", window), ("output", out, "gray", window),
+              ("reference", ref, "gray", window)]
+    if out.shape == ref.shape:
+        error = out - ref
+        limit = float(np.percentile(np.abs(error), 99.5)) or 1.0
+        panels.append(("error (output - reference)", error, "RdBu_r", (-limit, limit)))
+    return panel_figure(panels, units=units)

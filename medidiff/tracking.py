@@ -11,13 +11,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from medidiff.errors import MedidiffError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+REACH_TIMEOUT_S = 5
+LIBRARIES = ("torch", "monai", "diffusers", "pydicom", "mlflow", "numpy", "scipy")
+# MLflow's HTTP defaults (7 retries, 120 s timeout) take minutes to give up on a dead server
+QUICK_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(MedidiffError):
+    """The tracking server cannot be reached or refused to store a run."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -37,11 +52,53 @@ def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str
     return uri
 
 
+def check_reachable(tracking_uri: str | None = None, *, timeout: float = REACH_TIMEOUT_S) -> str:
+    """The resolved URI; TrackingError at once if an http(s) tracking server does not answer.
+
+    Any HTTP answer (even 401/404) counts as reachable; local stores (sqlite, file) are not checked.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return uri
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, correct "
+                            "--tracking-uri / MLFLOW_TRACKING_URI, or use --no-tracking") from None
+    return uri
+
+
+@contextmanager
+def quick_failure() -> Iterator[None]:
+    """MLflow HTTP calls give up in seconds, not minutes (settings the user exported are kept)."""
+    added = {k: v for k, v in QUICK_FAILURE.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def library_versions() -> dict[str, str]:
+    """``<library>_version`` of the libraries that shape results (``not installed`` when absent)."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[f"{name}_version"] = version(name)
+        except PackageNotFoundError:
+            versions[f"{name}_version"] = "not installed"
+    return versions
+
+
 def provenance() -> dict[str, str]:
-    """medidiff version and, when run from a git checkout, the commit (``+dirty`` if modified)."""
+    """medidiff and library versions and, when run from a git checkout, the commit (``+dirty`` if modified)."""
     from medidiff import __version__
 
-    info = {"medidiff_version": __version__}
+    info = {"medidiff_version": __version__} | library_versions()
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "pyproject.toml").is_file():  # installed from a wheel: site-packages is no checkout
         return info

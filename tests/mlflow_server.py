@@ -1,7 +1,8 @@
-"""A session-scoped pytest fixture: a real ``mlflow server`` (sqlite backend, proxied artifacts) on a free port.
+"""Pytest fixtures: a real ``mlflow server`` (sqlite backend, proxied artifacts) on a free port.
 
 Enable with ``pytest_plugins = ["tests.mlflow_server"]`` in tests/conftest.py; tests take ``mlflow_server``
-(the tracking URI, e.g. ``http://127.0.0.1:54321``).
+(the tracking URI, e.g. ``http://127.0.0.1:54321``), session-wide; ``stoppable_mlflow_server`` is one
+server per test, for tests that stop it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,12 +45,10 @@ def _wait_healthy(uri: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """Start ``mlflow server`` in a temporary folder; yield its URI; stop it afterwards."""
-    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("the mlflow command is not installed next to this Python")
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextmanager
+def running_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mlflow server`` with its store and artifacts in ``root``: yields (URI, process); stops it afterwards
+    (a test may stop it earlier with :func:`stop`)."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     log = root / "server.log"
@@ -64,12 +65,38 @@ def mlflow_server(tmp_path_factory) -> str:
         )
     try:
         _wait_healthy(uri, process, log)
-        yield uri
+        yield uri, process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server started by :func:`running_server` (and its workers)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _require_mlflow_command() -> None:
+    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("the mlflow command is not installed next to this Python")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """Start ``mlflow server`` in a temporary folder; yield its URI; stop it afterwards."""
+    _require_mlflow_command()
+    with running_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
+        yield uri
+
+
+@pytest.fixture()
+def stoppable_mlflow_server(tmp_path_factory) -> tuple[str, subprocess.Popen]:
+    """A server of the test's own, (URI, process), for tests that stop it (:func:`stop`)."""
+    _require_mlflow_command()
+    with running_server(tmp_path_factory.mktemp("mlflow-stoppable")) as server:
+        yield server

@@ -23,6 +23,7 @@ from medidiff.errors import InputError
 from medidiff.evaluation import evaluate
 from medidiff.evaluation.datasets import EvaluationData, SyntheticSource, _item
 from medidiff.pipeline import Pipeline
+from tests.mlflow_server import _free_port, stop
 
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-12345"
 SMOOTH = """
@@ -81,10 +82,12 @@ def test_item_layout_follows_monai():
     assert item["source"].modality == "DX" and item["source"].key == "seed-0"
 
 
-def test_evaluation_run_reads_back(mlflow_server, smooth, tmp_path):
+def test_evaluation_run_reads_back(mlflow_server, smooth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = evaluate(smooth, phantom_data(), baseline="identity", tracking_uri=mlflow_server, experiment="t-eval")
     assert set(result.metrics) == {"psnr", "ssim", "mse"}
     assert result.comparison["psnr"].difference.low > 0  # smoothing removes the noise: a real gain
+    assert result.tracking_error is None, result.tracking_error
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
     params, metrics = run.data.params, run.data.metrics
@@ -92,6 +95,8 @@ def test_evaluation_run_reads_back(mlflow_server, smooth, tmp_path):
     assert params["pipeline.digest"] == Pipeline.from_yaml(smooth).digest
     assert params["stage.0.monai.transforms.GaussianSmoothd.sigma"] == "1.0"
     assert params["medidiff_version"] and params["baseline"] == "identity"
+    assert params["stage.0.monai.transforms.GaussianSmoothd.approx"] == "erf"  # a default, not in the file
+    assert all(params[f"{lib}_version"] for lib in ("torch", "monai", "diffusers", "pydicom"))
     for name in ("psnr", "ssim", "mse"):
         low, mean, high = (metrics[f"{name}_{s}"] for s in ("ci95_low", "mean", "ci95_high"))
         assert low <= mean <= high
@@ -107,9 +112,11 @@ def test_evaluation_run_reads_back(mlflow_server, smooth, tmp_path):
     assert panel.size[0] > 3 * panel.size[1]  # before | after | difference | reference
     (dataset,) = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("noisy-phantom", "0123456789abcdef")
+    assert dataset.dataset.source_type == "medidiff" and json.loads(dataset.dataset.source) == {"spec": "test/noisy-phantom"}
 
 
-def test_no_patient_identifier_reaches_mlflow(mlflow_server, smooth, tmp_path):
+def test_no_patient_identifier_reaches_mlflow(mlflow_server, smooth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     studies = tmp_path / "studies"
     secrets = [PATIENT_NAME, "Doe", "Jane", PATIENT_ID, *dicom_studies_with_references(studies)]
     code = main(["evaluate", str(smooth), "--data", str(studies), "--baseline", "identity",
@@ -252,3 +259,128 @@ def test_bicubic_baseline_resamples_2d_and_3d_onto_the_reference_grid():
     assert out.shape == (1, 16, 12) and float(out[0, -1, 0]) > float(out[0, 0, 0])
     volume = torch.rand(1, 8, 6, 4)
     assert bicubic({"image": volume, "reference": torch.zeros(1, 16, 12, 8)})["image"].shape == (1, 16, 12, 8)
+
+
+@pytest.fixture()
+def noisy_spec(monkeypatch) -> str:
+    """``noisy:N``: :func:`phantom_data` as a data spec the CLI accepts."""
+    from medidiff.evaluation import datasets
+
+    monkeypatch.setitem(datasets.DATA_SPECS, "noisy", lambda spec, size: phantom_data(int(spec.split(":")[1])))
+    return "noisy:4"
+
+
+def test_closed_port_is_one_line_and_exit_2_before_any_work(smooth, noisy_spec, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    evaluate_module = importlib.import_module("medidiff.evaluation.evaluate")  # the package's name is the function
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate_module, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    uri = f"http://127.0.0.1:{_free_port()}"
+    assert main(["evaluate", str(smooth), "--data", noisy_spec, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not reachable" in err and uri in err and "--no-tracking" in err
+    assert not (tmp_path / "evaluations").exists()
+
+
+@pytest.mark.parametrize("cases", ["0", "-3", "x"])
+def test_cases_must_be_a_positive_number(smooth, noisy_spec, cases, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(smooth), "--data", noisy_spec, "--no-tracking", "--cases", cases])
+    assert info.value.code == 2 and "positive whole number" in capsys.readouterr().err
+    with pytest.raises(InputError, match="positive"):
+        evaluate(smooth, phantom_data(2), cases=-3, track=False)
+
+
+def read_local_copy(folder: Path) -> tuple[list[dict], dict]:
+    import csv
+
+    with open(folder / "per_case_metrics.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    return rows, json.loads((folder / "summary.json").read_text())
+
+
+def test_server_stopped_mid_run_keeps_the_results_locally(stoppable_mlflow_server, smooth, noisy_spec, tmp_path,
+                                                          monkeypatch, capsys):
+    from medidiff import tracking
+
+    uri, process = stoppable_mlflow_server
+    log_metrics = tracking.log_metrics
+
+    def stop_then_log(*args, **kwargs):  # params are stored; the server dies before the metrics
+        stop(process)
+        log_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_metrics", stop_then_log)
+    code = main(["evaluate", str(smooth), "--data", noisy_spec, "--baseline", "identity", "--tracking-uri", uri,
+                 "-o", str(tmp_path / "results")])
+    captured = capsys.readouterr()
+    assert code == 2 and "psnr" in captured.out  # the table is printed
+    assert "did not store the run completely" in captured.err and str(tmp_path / "results") in captured.err
+    rows, summary = read_local_copy(tmp_path / "results")
+    assert len(rows) == 4 and "baseline_psnr" in rows[0]
+    assert summary["metrics"]["cases"] == 4 and "psnr_ci95_low" in summary["metrics"]
+    assert {p.name for p in (tmp_path / "results" / "panels").iterdir()} == {"worst_psnr.png", "best_psnr.png"}
+
+
+def test_unwritable_artifact_store_leaves_a_run_marked_incomplete(mlflow_server, smooth, tmp_path):
+    blocker = tmp_path / "a-file"  # a folder below a regular file cannot be made, not even by root
+    blocker.write_text("")
+    client = MlflowClient(mlflow_server)
+    client.create_experiment("t-unwritable", artifact_location=(blocker / "artifacts").as_uri())
+    result = evaluate(smooth, phantom_data(3), tracking_uri=mlflow_server, experiment="t-unwritable",
+                      output=tmp_path / "results")
+    assert result.tracking_error and result.local_copy == tmp_path / "results"
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["medidiff.complete"] == "false" and run.data.tags["medidiff.incomplete_reason"]
+    rows, summary = read_local_copy(result.local_copy)
+    assert len(rows) == 3 and summary["params"]["pipeline.name"] == "smooth"
+
+
+def test_complete_runs_are_tagged_complete_and_keep_a_local_copy(mlflow_server, smooth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = evaluate(smooth, phantom_data(2), tracking_uri=mlflow_server, experiment="t-complete")
+    run = MlflowClient(mlflow_server).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["medidiff.complete"] == "true"
+    assert result.local_copy.parent == Path("evaluations") and (tmp_path / result.local_copy / "summary.json").is_file()
+    assert result.tracking_error is None
+
+
+def test_a_mistyped_registered_model_fails_once_up_front(mlflow_server, tmp_path, monkeypatch):
+    from medidiff import model_registry
+
+    monkeypatch.setattr(model_registry, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    downloads = []
+    download = model_registry._download
+    monkeypatch.setattr(model_registry, "_download", lambda *a: downloads.append(a) or download(*a))
+    pipeline = Pipeline.from_text("name: bs\nstages:\n  - bone_suppression: {model: 'models:/no-such-model/1'}\n")
+    with pytest.raises(InputError, match="no-such-model"):
+        evaluate(pipeline, phantom_data(3), track=False)
+    assert len(downloads) == 1
+
+
+def test_provenance_names_models_by_weights_and_the_baseline_pipeline(mlflow_server, smooth, tmp_path, monkeypatch):
+    import hashlib
+
+    from medidiff import model_registry
+    from medidiff.evaluation.evaluate import model_provenance
+
+    monkeypatch.setattr(model_registry, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "ldm.safetensors").write_bytes(b"weights")
+    registered = model_registry.register_model_folder("tiny-provenance", folder)
+    pipeline = Pipeline.from_text(f"name: bs\nstages:\n  - bone_suppression: {{model: '{registered.uri}'}}\n")
+    found = model_provenance(pipeline)
+    key = "stage.0.bone_suppression.model"
+    assert found.params[f"{key}.ldm.safetensors.sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert found.params[f"{key}.registered"].startswith(f"{registered.uri} (run {registered.run_id}")
+    assert [v.version for v in found.registered] == [registered.version]
+
+    result = evaluate(smooth, phantom_data(2), baseline=str(smooth), track=False, output=tmp_path / "out")
+    params = read_local_copy(result.local_copy)[1]["params"]
+    assert params["baseline.digest"] == Pipeline.from_yaml(smooth).digest
+    assert params["baseline.stage.0.monai.transforms.GaussianSmoothd.sigma"] == "1.0"

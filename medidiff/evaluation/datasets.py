@@ -79,11 +79,48 @@ class EvaluationData:
             yield item
 
     def mlflow_dataset(self):
-        """An ``mlflow.data`` dataset (name, digest, source) for ``mlflow.log_input``."""
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        """An ``mlflow.data`` dataset for ``mlflow.log_input``: name, digest and a ``medidiff`` source
+        whose ``spec`` is the data spec (``synthetic-cxr:test:20:512``; a folder's hash for DICOM)."""
         from mlflow.data.meta_dataset import MetaDataset
 
-        return MetaDataset(source=HTTPDatasetSource(self.source), name=self.name, digest=self.digest)
+        return MetaDataset(source=_source_class()(self.source.removeprefix("medidiff://")), name=self.name,
+                           digest=self.digest)
+
+
+@functools.cache
+def _source_class():
+    """The ``medidiff`` MLflow dataset source (built on demand: importing this module needs no MLflow)."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class MedidiffDataSource(DatasetSource):
+        """Where evaluation data comes from, as a medidiff data spec (shown as source type ``medidiff``)."""
+
+        def __init__(self, spec: str):
+            self.spec = spec
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "medidiff"
+
+        def load(self, **kwargs):
+            return load_data(self.spec)
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            raise NotImplementedError("medidiff data sources are built from a spec, not resolved from a URI")
+
+        def to_dict(self) -> dict:
+            return {"spec": self.spec}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["spec"])
+
+    return MedidiffDataSource
 
 
 DataLoader = Callable[..., "EvaluationData"]

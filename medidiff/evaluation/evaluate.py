@@ -10,7 +10,10 @@ Case ids are hashed series keys (phantom seeds for synthetic data): no identifie
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import inspect
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from medidiff.errors import InputError, MedidiffError
+from medidiff.errors import InputError, MedidiffError, OutputError
 from medidiff.evaluation.datasets import EvaluationData, load_data
 from medidiff.evaluation.statistics import (
     DEFAULT_RESAMPLES,
@@ -32,6 +35,7 @@ from medidiff.evaluation.statistics import (
 from medidiff.evaluation.tasks import BASELINES, Task, task_for
 from medidiff.metrics import LOWER_IS_BETTER
 from medidiff.pipeline import Pipeline
+from medidiff.pipeline import _resolve_factory as pipeline_factory
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class EvaluationResult:
     skipped: int = 0
     seconds: float = 0.0
     run_id: str | None = None
+    local_copy: Path | None = None
+    tracking_error: str | None = None
 
     def table(self) -> str:
         """A short plain-text table: metric, mean [95 % CI], and the baseline comparison if any."""
@@ -105,20 +111,75 @@ def compute_metrics(names, output: torch.Tensor, reference: torch.Tensor, origin
     return {name: float(METRICS[name](out, ref, before).mean()) for name in names}
 
 
-def model_card_digests(pipeline: Pipeline) -> dict[str, str]:
-    """sha256 of each stage's MODEL_CARD.md (its model folder: a model parameter, else models/<stage>/)."""
-    from medidiff.model_registry import resolve_model_dir
-
-    digests = {}
+def stage_parameters(pipeline: Pipeline, prefix: str = "") -> dict[str, dict]:
+    """``{"<prefix>stage.<i>.<name>": {param: value}}``: every parameter of every stage, defaults included."""
+    out = {}
     for index, call in enumerate(pipeline.stages):
-        spec = next((call.params[k] for k in MODEL_PARAM_NAMES if k in call.params), "default")
+        signature = inspect.signature(pipeline_factory(call.name, call.line))
+        defaults = {name: p.default for name, p in signature.parameters.items()
+                    if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        out[f"{prefix}stage.{index}.{call.name}"] = defaults | call.params
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of one file."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+@dataclass
+class ModelProvenance:
+    """What identifies the models a pipeline uses: params to log, registered versions to link."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    registered: list = field(default_factory=list)  # mlflow ModelVersion objects
+
+
+def model_provenance(pipeline: Pipeline, prefix: str = "") -> ModelProvenance:
+    """Resolve each stage's model (once, up front: a mistyped ``models:/`` spec fails here) and identify it
+    by the sha256 of its files (``model.<file>.sha256``), the folder digest and, for ``models:/``, the
+    registered version. Stages without a model parameter contribute their shipped folder if they have one."""
+    from medidiff.model_registry import folder_digest, resolve_model_dir
+
+    found = ModelProvenance()
+    for (key, params), call in zip(stage_parameters(pipeline, prefix).items(), pipeline.stages, strict=True):
+        spec = str(next((params[k] for k in MODEL_PARAM_NAMES if k in params), "default"))
         try:
-            card = resolve_model_dir(str(spec), default_name=call.name) / "MODEL_CARD.md"
+            folder = resolve_model_dir(spec, default_name=call.name)
         except MedidiffError:
+            if spec in ("", "default"):
+                continue
+            raise
+        if not folder.is_dir():
             continue
-        if card.is_file():
-            digests[f"stage.{index}.{call.name}.model_card_sha256"] = hashlib.sha256(card.read_bytes()).hexdigest()
-    return digests
+        found.params |= {f"{key}.model.spec": spec, f"{key}.model.folder_sha256": folder_digest(folder)}
+        found.params |= {f"{key}.model.{path.name}.sha256": file_sha256(path)
+                         for path in sorted(folder.iterdir()) if path.is_file()}
+        if spec.startswith("models:/"):
+            version = registered_version(spec)
+            found.registered.append(version)
+            found.params[f"{key}.model.registered"] = f"models:/{version.name}/{version.version} (run {version.run_id})"
+    return found
+
+
+def registered_version(spec: str):
+    """The registry's ModelVersion for ``models:/<name>/<version or alias>`` (InputError if unknown)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from medidiff import tracking
+
+    name, ref = spec.removeprefix("models:/").split("/")
+    client = MlflowClient(tracking.resolve_tracking_uri(), tracking.resolve_tracking_uri())
+    try:
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        if ref == "latest":
+            return max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+        return client.get_model_version_by_alias(name, ref)
+    except (MlflowException, ValueError) as exc:
+        raise InputError(f"model {spec}: not in the registry ({str(exc).splitlines()[0]})") from None
 
 
 def load_baseline(
@@ -180,7 +241,8 @@ def methods_markdown(rows: list[dict], title: str, note: str = "") -> str:
 
 @dataclass
 class _Extremes:
-    """The best and worst case so far by one metric, with their images for the panels."""
+    """The best and worst case so far by one metric, with their images for the panels (distinct cases
+    when there are two or more: ties keep the first as best and the last as worst)."""
 
     metric: str
     best: tuple | None = None
@@ -190,8 +252,14 @@ class _Extremes:
         sign = -1 if self.metric in LOWER_IS_BETTER else 1
         if self.best is None or sign * value > sign * self.best[0]:
             self.best = (value, case, images)
-        if self.worst is None or sign * value < sign * self.worst[0]:
+        if self.worst is None or sign * value <= sign * self.worst[0]:
             self.worst = (value, case, images)
+
+    def panels(self) -> list[tuple[str, tuple]]:
+        """``[(label, (value, case, images))]``: worst and best, or the only case."""
+        if self.best[1] == self.worst[1]:
+            return [("only", self.best)]
+        return [("worst", self.worst), ("best", self.best)]
 
 
 def evaluate(
@@ -203,17 +271,31 @@ def evaluate(
     experiment: str = "medidiff-evaluation",
     cases: int | None = None,
     track: bool = True,
+    output: str | Path | None = None,
 ) -> EvaluationResult:
     """Evaluate ``pipeline`` on ``data`` (a spec or :class:`EvaluationData`) and log one MLflow run.
 
     ``baseline`` is another pipeline (file, name or object), a named baseline (``"identity"``: the input
     image itself; ``"bicubic"``: the input resampled to the reference grid) or ``"default"`` (the
-    task's own). ``track=False`` computes everything without MLflow.
+    task's own). ``track=False`` computes everything without MLflow. The results (per-case table,
+    summary, panels) are also saved in ``output`` (default when tracking: ``evaluations/<name>-<time>/``),
+    so they survive a tracking server that fails mid-run (``result.tracking_error`` says why).
+    The tracking server is checked before any work; models are resolved once, up front.
     """
+    from medidiff import tracking
+
     start = time.perf_counter()
+    if cases is not None and cases < 1:
+        raise InputError(f"cases must be a positive number, not {cases}")
+    if track:
+        tracking.check_reachable(tracking_uri)
     pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline.from_yaml(pipeline)
     data = data if isinstance(data, EvaluationData) else load_data(data)
     baseline_name, baseline_fn = load_baseline(baseline, task_for(pipeline.task))
+    models = model_provenance(pipeline)
+    if isinstance(baseline_fn, Pipeline):
+        baseline_models = model_provenance(baseline_fn, "baseline.")
+        models = ModelProvenance(models.params | baseline_models.params, models.registered + baseline_models.registered)
     result = EvaluationResult(pipeline.name, data.name, {}, baseline=baseline_name)
     extremes: _Extremes | None = None
     for item in data.cases(cases):
@@ -226,9 +308,9 @@ def evaluate(
         try:
             case_start = time.perf_counter()
             baseline_item = dict(item) | {"image": item["original"].clone()}
-            output = pipeline(item)["image"]
+            output_image = pipeline(item)["image"]
             seconds = time.perf_counter() - case_start
-            row = {"case": source.key} | compute_metrics(names, output, item["reference"], item["original"])
+            row = {"case": source.key} | compute_metrics(names, output_image, item["reference"], item["original"])
             if baseline_fn is not None:
                 base = compute_metrics(names, baseline_fn(baseline_item)["image"], item["reference"], item["original"])
                 row |= {f"baseline_{k}": v for k, v in base.items()}
@@ -238,14 +320,17 @@ def evaluate(
             continue
         row["seconds"] = round(seconds, 3)
         result.cases.append(row)
-        extremes.offer(row[names[0]], source.key, (item["original"], output, item["reference"]))
+        extremes.offer(row[names[0]], source.key, (item["original"], output_image, item["reference"]))
     if not result.cases:
         raise InputError(f"no case of {data.name} could be evaluated "
                          f"({len(result.failed)} failed, {result.skipped} skipped by the pipeline's selection)")
     _aggregate(result)
     result.seconds = time.perf_counter() - start
+    record = _record(result, pipeline, data, baseline_fn, models)
+    if output is not None or track:
+        result.local_copy = save_local(record, extremes, output or default_output(pipeline, data))
     if track:
-        result.run_id = _log_run(result, pipeline, data, extremes, tracking_uri, experiment)
+        _log_run(result, record, data, models, tracking_uri, experiment)
     return result
 
 
@@ -268,35 +353,128 @@ def _interval_metrics(prefix: str, intervals: dict[str, Interval]) -> dict[str, 
     return out
 
 
-def _log_run(result: EvaluationResult, pipeline: Pipeline, data: EvaluationData, extremes: _Extremes,
-             tracking_uri: str | None, experiment: str) -> str:
+@dataclass
+class _Record:
+    """Everything one evaluation logs: params, metrics, tags, the per-case and failed tables."""
+
+    run_name: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    cases: list[dict]
+    failed: list[dict]
+
+
+def _record(result: EvaluationResult, pipeline: Pipeline, data: EvaluationData, baseline_fn,
+            models: ModelProvenance) -> _Record:
+    from medidiff import tracking
+
+    params = {
+        "pipeline.file": Path(pipeline.source).name, "pipeline.name": pipeline.name,
+        "pipeline.digest": pipeline.digest, "data.name": data.name, "data.digest": data.digest,
+        "data.spec": data.source.removeprefix("medidiff://"), "baseline": result.baseline or "none",
+        "bootstrap.resamples": DEFAULT_RESAMPLES, "bootstrap.seed": DEFAULT_SEED,
+        "normalisation": "reference min/max -> [0, 1]",
+    } | tracking.provenance() | stage_parameters(pipeline)
+    if isinstance(baseline_fn, Pipeline):
+        params |= {"baseline.file": Path(baseline_fn.source).name, "baseline.digest": baseline_fn.digest}
+        params |= stage_parameters(baseline_fn, "baseline.")
+    metrics = _interval_metrics("", result.metrics) | _interval_metrics("baseline_", result.baseline_metrics)
+    for name, test in result.comparison.items():
+        metrics |= _interval_metrics("diff_", {name: test.difference}) | {f"diff_{name}_wilcoxon_p": test.p_value}
+    metrics |= {"cases": len(result.cases), "cases_failed": len(result.failed), "cases_skipped": result.skipped,
+                "seconds_total": result.seconds}
+    tags = {"medidiff.task": "evaluation", "medidiff.pipeline": pipeline.name}
+    return _Record(f"{pipeline.name} on {data.name}", tracking.flatten(params | models.params), metrics, tags,
+                   result.cases, result.failed)
+
+
+def default_output(pipeline: Pipeline, data: EvaluationData) -> Path:
+    """``evaluations/<pipeline>-<data>-<UTC time>/`` in the working directory."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{pipeline.name}-{data.name}")
+    return Path("evaluations") / f"{slug}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_local(record: _Record, extremes: _Extremes, folder: str | Path) -> Path:
+    """Write the results whole or not at all: ``per_case_metrics.csv``, ``failed_cases.csv`` (if any),
+    ``summary.json`` (params, metrics, tags) and ``panels/<label>_<metric>.png``; returns the folder."""
+    from medidiff.display import evaluation_figure
+    from medidiff.io.atomic import atomic_dir
+
+    folder = Path(folder)
+    if folder.exists():
+        raise OutputError(f"{folder} already exists; choose another --output folder")
+    try:
+        with atomic_dir(folder) as partial:
+            _write_csv(record.cases, partial / "per_case_metrics.csv")
+            if record.failed:
+                _write_csv(record.failed, partial / "failed_cases.csv")
+            summary = {"run_name": record.run_name, "params": record.params, "metrics": record.metrics,
+                       "tags": record.tags}
+            (partial / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            (partial / "panels").mkdir()
+            for label, (value, case, images) in extremes.panels():
+                figure = evaluation_figure(*images)
+                figure.suptitle(f"{label} case by {extremes.metric}: {case} ({extremes.metric} = {value:.4g})")
+                figure.savefig(partial / "panels" / f"{label}_{extremes.metric}.png", dpi=80)
+    except OSError as exc:
+        raise OutputError(f"cannot write the evaluation results to {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def _log_run(result: EvaluationResult, record: _Record, data: EvaluationData, models: ModelProvenance,
+             tracking_uri: str | None, experiment: str) -> None:
+    """One MLflow run from ``record`` and the local copy. The run is tagged ``medidiff.complete=false``
+    until everything is logged; a failure tags the reason (``medidiff.incomplete_reason``) where the
+    server still answers, marks the run FAILED and lands in ``result.tracking_error``."""
     import mlflow
+    from mlflow.entities import LoggedModelInput
 
     from medidiff import tracking
-    from medidiff.display import before_after_figure
 
-    tracking.setup(tracking_uri, experiment)
-    with mlflow.start_run(run_name=f"{pipeline.name} on {data.name}") as run:
-        tracking.log_params({
-            "pipeline.file": Path(pipeline.source).name, "pipeline.name": pipeline.name,
-            "pipeline.digest": pipeline.digest, "data.name": data.name, "data.digest": data.digest,
-            "baseline": result.baseline or "none", "bootstrap.resamples": DEFAULT_RESAMPLES,
-            "bootstrap.seed": DEFAULT_SEED, "normalisation": "reference min/max -> [0, 1]",
-        } | tracking.provenance() | model_card_digests(pipeline))
-        tracking.log_params({f"stage.{i}.{call.name}": call.params or "{}" for i, call in enumerate(pipeline.stages)})
-        mlflow.set_tags({"medidiff.task": "evaluation", "medidiff.pipeline": pipeline.name})
-        mlflow.log_input(data.mlflow_dataset(), context="evaluation")
-        metrics = _interval_metrics("", result.metrics) | _interval_metrics("baseline_", result.baseline_metrics)
-        for name, test in result.comparison.items():
-            metrics |= _interval_metrics("diff_", {name: test.difference}) | {f"diff_{name}_wilcoxon_p": test.p_value}
-        metrics |= {"cases": len(result.cases), "cases_failed": len(result.failed), "cases_skipped": result.skipped,
-                    "seconds_total": result.seconds}
-        tracking.log_metrics(metrics)
-        tracking.log_table(result.cases, "per_case_metrics.json")
-        if result.failed:
-            tracking.log_table(result.failed, "failed_cases.json")
-        for label, (value, case, (before, after, reference)) in (("worst", extremes.worst), ("best", extremes.best)):
-            figure = before_after_figure(before, after, extra={"reference": reference})
-            figure.suptitle(f"{label} case by {extremes.metric}: {case} ({extremes.metric} = {value:.4g})")
-            tracking.log_figure(figure, f"panels/{label}_{extremes.metric}.png")
-    return run.info.run_id
+    with tracking.quick_failure():
+        try:
+            tracking.setup(tracking_uri, experiment)
+            run = mlflow.start_run(run_name=record.run_name)
+            result.run_id = run.info.run_id
+            mlflow.set_tags(record.tags | {"medidiff.complete": "false"})
+            mlflow.log_params(record.params)
+            mlflow.log_input(data.mlflow_dataset(), context="evaluation", tags={"cases": str(len(result.cases))})
+            linked = [LoggedModelInput(v.model_id) for v in models.registered if getattr(v, "model_id", None)]
+            if linked:
+                mlflow.log_inputs(models=linked)
+            tracking.log_metrics(record.metrics)
+            tracking.log_table(record.cases, "per_case_metrics.json")
+            if record.failed:
+                tracking.log_table(record.failed, "failed_cases.json")
+            if result.local_copy:
+                mlflow.log_artifacts(str(result.local_copy))
+            mlflow.set_tag("medidiff.complete", "true")
+            mlflow.end_run()
+        except Exception as exc:  # MlflowException, requests and OS errors: all mean "not stored"
+            result.tracking_error = " ".join(str(exc).split())[:300] or type(exc).__name__
+            _mark_incomplete(result.tracking_error)
+
+
+def _mark_incomplete(reason: str) -> None:
+    """Tag the active run incomplete with ``reason`` and end it FAILED, as far as the server still answers."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    try:
+        mlflow.set_tags({"medidiff.complete": "false", "medidiff.incomplete_reason": reason})
+    except Exception:  # the server is gone: the run keeps medidiff.complete=false
+        log.warning("could not tag the MLflow run as incomplete: the tracking server does not answer")
+    try:
+        mlflow.end_run("FAILED")  # leaves no active run even when the server does not answer
+    except Exception:
+        log.warning("could not mark the MLflow run as failed: the tracking server does not answer")
