@@ -201,12 +201,17 @@ def test_bad_volumes_are_refused_by_hash_with_one_line_reasons(tmp_path):
     assert sha256s(folder) == before
 
 
-def test_a_changed_volume_is_redone_in_place(tmp_path):
-    source = write_volume(tmp_path / "in" / "v.nii.gz", volume_array((64, 48, 2)), AFFINE)
+def test_volume_keys_follow_path_and_content(tmp_path):
+    source = write_volume(tmp_path / "a" / "v.nii.gz", volume_array((64, 48, 2)), AFFINE)
     pipeline = Pipeline.from_text("name: n\nstages: [normalize_intensity]\noutputs: {nifti: {}}\n")
-    first = run_pipeline(pipeline, tmp_path / "in", tmp_path / "out", progress=False).results[0]
-    again = run_pipeline(pipeline, tmp_path / "in", tmp_path / "out", progress=False).results[0]
-    assert (first.state, again.state) == ("done", "already done")
-    write_volume(source, volume_array((64, 48, 2)) * 2, AFFINE)
-    changed = run_pipeline(pipeline, tmp_path / "in", tmp_path / "out", progress=False).results[0]
-    assert changed.state == "done" and changed.series == first.series and "changed" in changed.message
+    first = run_pipeline(pipeline, tmp_path / "a", tmp_path / "out", progress=False).results[0]
+    again = run_pipeline(pipeline, tmp_path / "a", tmp_path / "out", progress=False).results[0]
+    assert (first.state, again.state, again.series) == ("done", "already done", first.series)
+    write_volume(tmp_path / "b" / "v.nii.gz", volume_array((64, 48, 2)) * 2, AFFINE)  # same name, other input
+    other = run_pipeline(pipeline, tmp_path / "b", tmp_path / "out", progress=False).results[0]
+    assert other.state == "done" and other.series != first.series
+    write_volume(source, volume_array((64, 48, 2)) + 1, AFFINE)  # edited in place: a new series
+    changed = run_pipeline(pipeline, tmp_path / "a", tmp_path / "out", progress=False).results[0]
+    assert changed.state == "done" and changed.series not in (first.series, other.series)
+    outputs = {f for r in (first, other, changed) for f in r.outputs}
+    assert len(outputs) == 3 and all((tmp_path / "out" / f).is_file() for f in outputs)

@@ -29,7 +29,7 @@ from medidiff.io.archive import Extraction, is_zip
 from medidiff.io.headers import as_list, quiet_pydicom, read_checked, transfer_syntax
 from medidiff.io.privacy import hash_identifier
 from medidiff.io.text import clean_text
-from medidiff.io.volumes import describe_volume, sidecar_of, volume_format
+from medidiff.io.volumes import describe_volume, file_digest, sidecar_of, volume_format
 
 REFUSED_REASON_LIMIT = 300
 OUTSIDE = "points outside the input folder (symbolic link or '..'); not followed"
@@ -79,13 +79,10 @@ class SeriesRef:
 
     def content_digest(self) -> str:
         """Digest of what the series holds: its instances (SOP Instance UIDs and file sizes) for DICOM, the
-        file's sha256 for a volume. It changes when the series does (the journal then redoes it)."""
+        file's sha256 for a volume (part of its key: a changed volume is a new series). It changes when the
+        series does (the journal then redoes it)."""
         if not self.is_dicom:
-            digest = hashlib.sha256()
-            with open(self.files[0], "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    digest.update(chunk)
-            return digest.hexdigest()[:16]
+            return self.series_uid.rsplit(":", 1)[1]
         parts = []
         for file in self.files:
             ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
@@ -251,7 +248,10 @@ def _split_volumes(files: list[Path]) -> tuple[list[Path], list[Path]]:
 
 
 def _volume_series(file: Path, root: Path) -> SeriesRef | Refusal:
-    """A research volume as a series of its own (keyed by its relative path), or the reason it is refused."""
+    """A research volume as a series of its own, or the reason it is refused.
+
+    Its key hashes the relative path and the file's sha256: files of the same name in different inputs
+    run into one output folder never share an output, and a changed file is a new series."""
     rel = relative_path(file, root)
     sidecar = sidecar_of(file)
     usable = sidecar.exists() and _confinement_problem(sidecar, root.resolve()) is None  # else refused by _walk
@@ -259,7 +259,8 @@ def _volume_series(file: Path, root: Path) -> SeriesRef | Refusal:
     if isinstance(facts, str):
         return Refusal(rel, facts)
     return SeriesRef(
-        study_uid=f"volumes:{Path(rel).parent}", series_uid=f"volume:{rel}", patient_hash="-",
+        study_uid=f"volumes:{Path(rel).parent}", series_uid=f"volume:{rel}:{file_digest(file)}",
+        patient_hash="-",
         modality=facts["modality"] or "OT", body_part=facts["body_part"], image_type=(), view_position="",
         rows=facts["rows"], columns=facts["columns"], frames=facts["frames"], photometric="MONOCHROME2",
         transfer_syntaxes=(facts["format"],), files=[file], series_description=facts["series_description"],

@@ -1,7 +1,7 @@
 """Research volumes (NIfTI, NRRD, MetaImage) as pipeline sources, and geometry-correct resampling (SimpleITK).
 
-A volume file is one series: its key is the salted hash of its path relative to the input root, and a
-sha256 of its bytes decides whether a re-run redoes it. It carries no patient identifiers and no
+A volume file is one series: its key is the salted hash of its path relative to the input root and the
+sha256 of its bytes (a changed file is a new series; same-named files of two inputs never collide). It carries no patient identifiers and no
 DICOM header, so derived outputs are NIfTI and PNG only. The modality comes from a dcm2niix/BIDS JSON
 sidecar (``brain.nii.gz`` + ``brain.json`` with ``"Modality": "MR"``), else from a MetaImage
 ``Modality`` field, else it is ``OT``. Arrays follow the pipeline's axis convention: index
@@ -11,6 +11,7 @@ sidecar (``brain.nii.gz`` + ``brain.json`` with ``"Modality": "MR"``), else from
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -38,6 +39,15 @@ def volume_format(path: Path) -> str | None:
     """``"NIfTI"``, ``"NRRD"`` or ``"MetaImage"`` for a volume file name, else None."""
     name = path.name.lower()
     return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), None)
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def sidecar_of(path: Path) -> Path:
