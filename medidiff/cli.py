@@ -194,6 +194,10 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from medidiff import tracking
+
+    if not args.no_tracking:  # before the heavy imports: a dead server is reported in a second or two
+        tracking.check_reachable(args.tracking_uri)
     from medidiff.evaluation import evaluate
 
     result = evaluate(args.pipeline, args.data, baseline=args.baseline, tracking_uri=args.tracking_uri,

@@ -49,6 +49,15 @@ class RegisteredModel:
     uri: str
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file, read in 1 MiB blocks (weights files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def folder_digest(folder: Path) -> str:
     """sha256 over the relative paths and contents of every file in ``folder``."""
     digest = hashlib.sha256()
@@ -69,6 +78,7 @@ def register_model_folder(
     folder = Path(folder) if folder else model_dir(name)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise InputError(f"model folder {folder} does not exist or is empty")
+    tracking.check_reachable(tracking_uri)
     tracking.setup(tracking_uri, experiment)
     card = folder / "MODEL_CARD.md"
     with mlflow.start_run(run_name=f"register {name}") as run:

@@ -25,6 +25,7 @@ from medidiff.errors import MedidiffError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 REACH_TIMEOUT_S = 5
+SEARCH_PATH = "api/2.0/mlflow/experiments/search?max_results=1"  # a cheap read every MLflow server answers
 LIBRARIES = ("torch", "monai", "diffusers", "pydicom", "mlflow", "numpy", "scipy")
 # MLflow's HTTP defaults (7 retries, 120 s timeout) take minutes to give up on a dead server
 QUICK_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -53,21 +54,26 @@ def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str
 
 
 def check_reachable(tracking_uri: str | None = None, *, timeout: float = REACH_TIMEOUT_S) -> str:
-    """The resolved URI; TrackingError at once if an http(s) tracking server does not answer.
+    """The resolved URI; TrackingError at once unless an http(s) tracking URI answers as an MLflow server.
 
-    Any HTTP answer (even 401/404) counts as reachable; local stores (sqlite, file) are not checked.
+    An MLflow server answers its REST API with 200 (401/403 behind authentication); anything else, a
+    refused connection, a timeout or another program's answer, is an error. Local stores (sqlite, file)
+    are not checked.
     """
     uri = resolve_tracking_uri(tracking_uri)
     if urlsplit(uri).scheme not in ("http", "https"):
         return uri
+    fix = "start it, correct --tracking-uri / MLFLOW_TRACKING_URI, or use --no-tracking"
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/{SEARCH_PATH}", timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, correct "
-                            "--tracking-uri / MLFLOW_TRACKING_URI, or use --no-tracking") from None
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({getattr(exc, 'reason', exc)}); "
+                            f"{fix}") from None
+    if status not in (200, 401, 403):
+        raise TrackingError(f"{uri} answered HTTP {status}: no MLflow tracking server there; {fix}")
     return uri
 
 

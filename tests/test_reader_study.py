@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
+from scipy.stats import binomtest
 
+from medidiff.errors import InputError
 from medidiff.evaluation import reader_study
 from medidiff.evaluation.reader_study import ReaderKey, analyse, export, pairwise_kappa
 from medidiff.pipeline import Pipeline
@@ -81,9 +84,38 @@ def test_import_decodes_and_logs(study, mlflow_server):
     assert result.preferences["A"].estimate == pytest.approx(10 / 12)
     assert result.preferences["A"].low < 10 / 12 < result.preferences["A"].high
     assert result.kappa == {"ann vs bob": 1.0}
-    metrics = MlflowClient(mlflow_server).get_run(result.run_id).data.metrics
+    assert result.per_reader["ann"] == {"A": 5, "B": 1, "equal": 0, "net": pytest.approx(4 / 6),
+                                        "sign_p": pytest.approx(binomtest(5, 6).pvalue)}
+    # cases are the unit: 5 cases scored +1 by both readers, one -1 by both -> 6 values, not 12
+    assert result.combined.n == 6 and result.combined.difference.estimate == pytest.approx(4 / 6)
+    assert "readers averaged" in result.combined.difference.method and not result.incomplete
+    run = MlflowClient(mlflow_server).get_run(result.run_id)
+    metrics, params = run.data.metrics, run.data.params
     assert metrics["prefer_A_rate"] == pytest.approx(10 / 12) and metrics["kappa_mean"] == 1.0
-    assert "prefer_equal_ci95_high" in metrics
+    assert "prefer_equal_ci95_high" in metrics and metrics["net_A_mean"] == pytest.approx(4 / 6)
+    key_sha = hashlib.sha256((study_dir / reader_study.KEY_FILE).read_bytes()).hexdigest()
+    assert params["key.sha256"] == run.data.tags["medidiff.reader_study_key"] == key_sha
+    assert params["scores.1.sha256"] == hashlib.sha256(scores[1].read_bytes()).hexdigest()
+    assert "independent" in params["ci.preference"]
+
+
+def test_duplicate_judgments_are_refused_and_blank_trials_reported(study, tmp_path):
+    study_dir, key = study
+    path = fill(study_dir, "cat", ["A", "B", "equal", "A", "A", "B"], key)
+    lines = path.read_text().splitlines()
+    (tmp_path / "twice.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(InputError, match="already judged"):
+        analyse(study_dir / reader_study.KEY_FILE, [tmp_path / "twice.csv"], track=False)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[0]["preferred"] = rows[1]["preferred"] = ""  # two trials left blank
+    with open(tmp_path / "partial.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=reader_study.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    result = analyse(study_dir / reader_study.KEY_FILE, [tmp_path / "partial.csv"], track=False)
+    assert result.incomplete == {"cat": 2} and result.judgments == 4
+    assert "incomplete" in result.table() and "n/a" in result.table()  # < 6 cases: no combined CI
 
 
 def test_bad_scores_are_refused(study, tmp_path):

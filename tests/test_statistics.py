@@ -23,8 +23,16 @@ def test_bootstrap_ci_is_deterministic_with_a_seed():
     assert bootstrap_ci(sample, seed=7) != bootstrap_ci(sample, seed=8)
 
 
+def test_too_few_cases_give_no_interval_and_no_p_value():
+    few = bootstrap_ci([2.5, 3.0, 1.0])
+    assert few.estimate == pytest.approx(13 / 6) and not few.defined and str(few).endswith("[n/a]")
+    test = paired_test([1.0, 2.0, 3.0], [0.0, 0.5, 1.0])
+    assert test.p_text == "n/a" and not test.difference.defined
+    assert bootstrap_ci([2.5] * 6).low == bootstrap_ci([2.5] * 6).high == 2.5
+    assert "bootstrap" in bootstrap_ci([1.0] * 6).method and "Wilson" in wilson_interval(1, 2).method
+
+
 def test_bootstrap_ci_edge_cases():
-    assert bootstrap_ci([2.5]).low == bootstrap_ci([2.5]).high == 2.5
     with pytest.raises(ValueError):
         bootstrap_ci([])
 
@@ -46,7 +54,7 @@ def test_paired_test_does_not_detect_a_null_shift():
         baseline = rng.normal(30, 3, size=30)
         rejections += paired_test(baseline + rng.normal(0, 1, size=30), baseline, n_resamples=200).p_value < 0.05
     assert rejections <= 12  # about 5 expected
-    assert paired_test([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
+    assert paired_test([1.0, 2.0] * 3, [1.0, 2.0] * 3).p_value == 1.0
 
 
 def test_wilson_interval():

@@ -87,3 +87,22 @@ def test_bone_suppression_runs_from_the_registry(mlflow_server, tmp_path, monkey
     assert resolved.is_relative_to(tmp_path / "cache")
     assert model_registry.folder_digest(resolved) == model_registry.folder_digest(model_dir("bone_suppression"))
     assert item["image"].shape == cxr.shape and float((item["bone"]).abs().mean()) > 0.001
+
+
+def test_reachability_check_wants_an_mlflow_server(mlflow_server, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from tests.mlflow_server import _free_port
+
+    assert tracking.check_reachable(mlflow_server) == mlflow_server
+    assert tracking.check_reachable("sqlite:///no/such/folder/mlflow.db")  # local stores are not checked
+    with pytest.raises(tracking.TrackingError, match="not reachable .*Connection refused"):
+        tracking.check_reachable(f"http://127.0.0.1:{_free_port()}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as other:  # another program: HTTP 404
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        with pytest.raises(tracking.TrackingError, match="HTTP 404: no MLflow tracking server"):
+            tracking.check_reachable(f"http://127.0.0.1:{other.server_address[1]}")
+        other.shutdown()

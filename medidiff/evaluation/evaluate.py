@@ -11,7 +11,6 @@ Case ids are hashed series keys (phantom seeds for synthetic data): no identifie
 from __future__ import annotations
 
 import csv
-import hashlib
 import inspect
 import json
 import logging
@@ -25,8 +24,10 @@ import torch
 from medidiff.errors import InputError, MedidiffError, OutputError
 from medidiff.evaluation.datasets import EvaluationData, load_data
 from medidiff.evaluation.statistics import (
+    BOOTSTRAP,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
+    MIN_CASES,
     Interval,
     PairedTest,
     bootstrap_ci,
@@ -73,8 +74,9 @@ class EvaluationResult:
             line = f"{name:8s} {str(interval):34s}"
             if name in self.comparison:
                 test = self.comparison[name]
-                line += f" {str(self.baseline_metrics[name]):34s} {str(test.difference):34s} {test.p_value:10.3g}"
+                line += f" {str(self.baseline_metrics[name]):34s} {str(test.difference):34s} {test.p_text:>10s}"
             lines.append(line)
+        lines.append(f"CIs: 95 % {BOOTSTRAP}; n/a below {MIN_CASES} cases")
         if self.run_id:
             lines.append(f"MLflow run {self.run_id}")
         return "\n".join(lines)
@@ -122,12 +124,6 @@ def stage_parameters(pipeline: Pipeline, prefix: str = "") -> dict[str, dict]:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of one file."""
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 @dataclass
 class ModelProvenance:
     """What identifies the models a pipeline uses: params to log, registered versions to link."""
@@ -140,7 +136,7 @@ def model_provenance(pipeline: Pipeline, prefix: str = "") -> ModelProvenance:
     """Resolve each stage's model (once, up front: a mistyped ``models:/`` spec fails here) and identify it
     by the sha256 of its files (``model.<file>.sha256``), the folder digest and, for ``models:/``, the
     registered version. Stages without a model parameter contribute their shipped folder if they have one."""
-    from medidiff.model_registry import folder_digest, resolve_model_dir
+    from medidiff.model_registry import file_sha256, folder_digest, resolve_model_dir
 
     found = ModelProvenance()
     for (key, params), call in zip(stage_parameters(pipeline, prefix).items(), pipeline.stages, strict=True):
@@ -374,7 +370,7 @@ def _record(result: EvaluationResult, pipeline: Pipeline, data: EvaluationData, 
         "pipeline.digest": pipeline.digest, "data.name": data.name, "data.digest": data.digest,
         "data.spec": data.source.removeprefix("medidiff://"), "baseline": result.baseline or "none",
         "bootstrap.resamples": DEFAULT_RESAMPLES, "bootstrap.seed": DEFAULT_SEED,
-        "normalisation": "reference min/max -> [0, 1]",
+        "normalisation": "reference min/max -> [0, 1]", "ci.method": BOOTSTRAP, "ci.min_cases": MIN_CASES,
     } | tracking.provenance() | stage_parameters(pipeline)
     if isinstance(baseline_fn, Pipeline):
         params |= {"baseline.file": Path(baseline_fn.source).name, "baseline.digest": baseline_fn.digest}

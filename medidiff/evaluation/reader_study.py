@@ -10,12 +10,18 @@ Export writes::
 
 Readers copy the template, fill ``preferred`` with 1, 2 or "equal" (and their name in ``reader``);
 :func:`analyse` decodes the choices with the key and reports preference rates with Wilson 95 % CIs
-and Cohen's kappa between every pair of readers, logged to one MLflow run.
+(judgments treated as independent), Cohen's kappa between every pair of readers, a sign test per
+reader and a combined A-versus-B estimate with cases as the unit (each case's score averaged over
+readers: +1 A preferred, -1 B, 0 equal; bootstrap CI over cases, Wilcoxon signed-rank p), so that
+several readers judging the same case are not counted as independent evidence. A judgment given twice
+(same reader, same trial) is refused; readers who left trials blank are reported. The MLflow run
+records the sha256 of the key and of every score file it read (lineage).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -26,13 +32,16 @@ from pathlib import Path
 import numpy as np
 
 from medidiff.errors import InputError
-from medidiff.evaluation.statistics import Interval, wilson_interval
+from medidiff.evaluation.statistics import MIN_CASES, Interval, PairedTest, paired_test, wilson_interval
 from medidiff.io.writers import write_png
 
 PACKAGE = "reader_package"
 KEY_FILE = "key.json"
 TEMPLATE = "scores_template.csv"
 EQUAL = "equal"
+SCORE = {"A": 1.0, "B": -1.0, EQUAL: 0.0}  # a judgment as a score for A
+WILSON_NOTE = "Wilson score over all judgments (judgments independent)"
+COMBINED = "percentile bootstrap over cases (readers averaged per case; cases independent)"
 CHOICES = ("1", "2", EQUAL)
 COLUMNS = ("reader", "trial", "image_1", "image_2", "reference", "preferred", "comment")
 README = """Blinded reader study ({trials} trials).
@@ -75,12 +84,25 @@ class ReaderStudyResult:
     judgments: int
     run_id: str | None = None
     methods: dict[str, str] = field(default_factory=dict)
+    per_reader: dict[str, dict] = field(default_factory=dict)  # {reader: {A, B, equal, net, sign_p}}
+    combined: PairedTest | None = None  # per-case net preference for A, readers averaged
+    incomplete: dict[str, int] = field(default_factory=dict)  # {reader: trials left blank}
 
     def table(self) -> str:
         lines = [f"{self.judgments} judgments by {len(self.readers)} reader(s)"]
         for label, interval in self.preferences.items():
             lines.append(f"prefer {label:5s} {self.methods.get(label, ''):28s} {interval}")
+        lines.append(f"  (95 % CIs: {next(iter(self.preferences.values())).method})")
         lines += [f"kappa {pair}: {value:.3f}" for pair, value in self.kappa.items()]
+        for reader, row in self.per_reader.items():
+            lines.append(f"reader {reader}: A {row['A']}, B {row['B']}, equal {row['equal']}; "
+                         f"net preference for A {row['net']:+.3f}, sign test p {row['sign_p']:.3g}")
+        if self.combined:
+            lines.append(f"combined net preference for A: {self.combined.difference}, Wilcoxon p "
+                         f"{self.combined.p_text} over {self.combined.n} cases (95 % CI: {COMBINED}; "
+                         f"n/a below {MIN_CASES} cases)")
+        lines += [f"reader {reader}: incomplete, {missing} trial(s) not judged" for reader, missing
+                  in self.incomplete.items()]
         if self.run_id:
             lines.append(f"MLflow run {self.run_id}")
         return "\n".join(lines)
@@ -144,8 +166,10 @@ def export(
 
 
 def read_scores(paths: list[str | Path]) -> list[dict]:
-    """Rows ``{reader, trial, preferred}`` from filled-in score CSVs (reader defaults to the file name)."""
-    judgments = []
+    """Rows ``{reader, trial, preferred}`` from filled-in score CSVs (reader defaults to the file name).
+
+    A second judgment of the same trial by the same reader is an InputError naming both places."""
+    judgments, seen = [], {}
     for path in map(Path, paths):
         try:
             with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -159,7 +183,12 @@ def read_scores(paths: list[str | Path]) -> list[dict]:
             if choice not in CHOICES:
                 raise InputError(f"{path} line {line}: 'preferred' must be 1, 2 or equal, not {choice!r}")
             reader = (row.get("reader") or "").strip() or path.stem
-            judgments.append({"reader": reader, "trial": (row.get("trial") or "").strip(), "preferred": choice})
+            trial = (row.get("trial") or "").strip()
+            if (reader, trial) in seen:
+                raise InputError(f"{path} line {line}: reader {reader!r} already judged trial {trial!r} "
+                                 f"({seen[reader, trial]}); keep one judgment per trial")
+            seen[reader, trial] = f"{path.name} line {line}"
+            judgments.append({"reader": reader, "trial": trial, "preferred": choice})
     return judgments
 
 
@@ -198,7 +227,12 @@ def analyse(
     key_path: str | Path, score_paths: list[str | Path], *, tracking_uri: str | None = None,
     experiment: str = "medidiff-reader-study", track: bool = True,
 ) -> ReaderStudyResult:
-    """Decode the readers' scores, compute preference rates and kappas, and log them to one MLflow run."""
+    """Decode the readers' scores, compute preference rates, kappas and the A-versus-B tests, and log them
+    to one MLflow run (the tracking server is checked first)."""
+    from medidiff import tracking
+
+    if track:
+        tracking.check_reachable(tracking_uri)
     key = ReaderKey.load(key_path)
     decoded = decode(read_scores(score_paths), key)
     if not decoded:
@@ -206,15 +240,45 @@ def analyse(
     n = len(decoded)
     preferences = {label: wilson_interval(sum(r["method"] == label for r in decoded), n)
                    for label in (*sorted(key.methods), EQUAL)}
-    result = ReaderStudyResult(preferences, pairwise_kappa(decoded), sorted({r["reader"] for r in decoded}), n,
-                               methods=key.methods)
+    readers = sorted({r["reader"] for r in decoded})
+    result = ReaderStudyResult(preferences, pairwise_kappa(decoded), readers, n, methods=key.methods,
+                               per_reader={reader: reader_test([r for r in decoded if r["reader"] == reader])
+                                           for reader in readers},
+                               combined=combined_test(decoded))
+    judged = {reader: sum(r["reader"] == reader for r in decoded) for reader in readers}
+    result.incomplete = {reader: len(key.trials) - count for reader, count in judged.items() if count < len(key.trials)}
     if track:
-        result.run_id = _log_run(result, decoded, key, experiment, tracking_uri)
+        from medidiff.model_registry import file_sha256
+
+        lineage = {"key.sha256": file_sha256(key_path)} | {f"scores.{i}.sha256": file_sha256(path)
+                                                           for i, path in enumerate(score_paths)}
+        result.run_id = _log_run(result, decoded, key, lineage, experiment, tracking_uri)
     return result
 
 
-def _log_run(result: ReaderStudyResult, decoded: list[dict], key: ReaderKey, experiment: str,
-             tracking_uri: str | None) -> str:
+def reader_test(decoded: list[dict]) -> dict:
+    """One reader's counts, net preference for A ((A - B) / judgments) and two-sided sign test p (ties out)."""
+    from scipy.stats import binomtest
+
+    counts = {label: sum(r["method"] == label for r in decoded) for label in ("A", "B", EQUAL)}
+    decisive = counts["A"] + counts["B"]
+    p_value = float(binomtest(counts["A"], decisive).pvalue) if decisive else 1.0
+    return counts | {"net": (counts["A"] - counts["B"]) / len(decoded), "sign_p": p_value}
+
+
+def combined_test(decoded: list[dict]) -> PairedTest:
+    """Net preference for A with cases as the unit: each trial's mean score over its readers (+1 A, -1 B,
+    0 equal), a bootstrap CI over trials and the Wilcoxon signed-rank p against no preference."""
+    by_trial: dict[str, list[float]] = {}
+    for row in decoded:
+        by_trial.setdefault(row["trial"], []).append(SCORE[row["method"]])
+    per_case = [float(np.mean(scores)) for scores in by_trial.values()]
+    test = paired_test(per_case, [0.0] * len(per_case))
+    return dataclasses.replace(test, difference=dataclasses.replace(test.difference, method=COMBINED))
+
+
+def _log_run(result: ReaderStudyResult, decoded: list[dict], key: ReaderKey, lineage: dict[str, str],
+             experiment: str, tracking_uri: str | None) -> str:
     import mlflow
 
     from medidiff import tracking
@@ -222,15 +286,30 @@ def _log_run(result: ReaderStudyResult, decoded: list[dict], key: ReaderKey, exp
     tracking.setup(tracking_uri, experiment)
     with mlflow.start_run(run_name="reader study") as run:
         tracking.log_params({f"method.{k}": v for k, v in key.methods.items()}
-                            | {"trials": len(key.trials), "readers": len(result.readers), "key.seed": key.seed}
-                            | tracking.provenance())
-        metrics = {"judgments": result.judgments}
+                            | {"trials": len(key.trials), "readers": len(result.readers), "key.seed": key.seed,
+                               "ci.preference": WILSON_NOTE, "ci.combined": COMBINED}
+                            | lineage | tracking.provenance())
+        mlflow.set_tags({"medidiff.task": "reader-study", "medidiff.reader_study_key": lineage["key.sha256"]})
+        metrics = {"judgments": result.judgments, "readers_incomplete": len(result.incomplete)}
         for label, interval in result.preferences.items():
             metrics |= {f"prefer_{label}_rate": interval.estimate, f"prefer_{label}_ci95_low": interval.low,
                         f"prefer_{label}_ci95_high": interval.high}
-        metrics |= {re.sub(r"[^\w\-. /]", "_", f"kappa {pair}"): value for pair, value in result.kappa.items()}
+        metrics |= {_metric_name(f"kappa {pair}"): value for pair, value in result.kappa.items()}
         if result.kappa:
             metrics["kappa_mean"] = float(np.mean(list(result.kappa.values())))
+        for reader, row in result.per_reader.items():
+            metrics |= {_metric_name(f"reader {reader} net_A"): row["net"],
+                        _metric_name(f"reader {reader} sign_p"): row["sign_p"]}
+        combined = result.combined
+        metrics |= {"net_A_mean": combined.difference.estimate, "net_A_ci95_low": combined.difference.low,
+                    "net_A_ci95_high": combined.difference.high, "net_A_wilcoxon_p": combined.p_value}
         tracking.log_metrics(metrics)
         tracking.log_table(decoded, "judgments.json")
+        if result.incomplete:
+            tracking.log_table([{"reader": r, "trials_not_judged": m} for r, m in result.incomplete.items()],
+                               "incomplete_readers.json")
     return run.info.run_id
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^\w\-. /]", "_", text)

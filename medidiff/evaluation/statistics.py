@@ -1,4 +1,9 @@
-"""Uncertainty for evaluation numbers: bootstrap CIs, paired tests against a baseline, Wilson intervals."""
+"""Uncertainty for evaluation numbers: bootstrap CIs, paired tests against a baseline, Wilson intervals.
+
+Every :class:`Interval` names the assumption behind it (``method``). With fewer than :data:`MIN_CASES`
+values a bootstrap CI and a Wilcoxon p-value say nothing useful (too few distinct resamples; p can
+never fall below 0.05): they are NaN and print as ``n/a``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ import numpy as np
 
 DEFAULT_SEED = 20240601
 DEFAULT_RESAMPLES = 2000
+MIN_CASES = 6
+BOOTSTRAP = "percentile bootstrap over cases (cases independent)"
+WILSON = "Wilson score (judgments independent)"
 
 
 @dataclass(frozen=True)
@@ -17,9 +25,16 @@ class Interval:
     estimate: float
     low: float
     high: float
+    method: str = BOOTSTRAP
+
+    @property
+    def defined(self) -> bool:
+        """False when there were too few values for an interval."""
+        return bool(np.isfinite(self.low) and np.isfinite(self.high))
 
     def __str__(self) -> str:
-        return f"{self.estimate:.4g} [{self.low:.4g}, {self.high:.4g}]"
+        bounds = f"{self.low:.4g}, {self.high:.4g}" if self.defined else "n/a"
+        return f"{self.estimate:.4g} [{bounds}]"
 
 
 @dataclass(frozen=True)
@@ -30,13 +45,18 @@ class PairedTest:
     p_value: float
     n: int
 
+    @property
+    def p_text(self) -> str:
+        """The p-value to print: ``n/a`` with too few cases."""
+        return f"{self.p_value:.3g}" if np.isfinite(self.p_value) else "n/a"
+
 
 def bootstrap_ci(
     values, *, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
 ) -> Interval:
     """Percentile bootstrap CI of the mean (``scipy.stats.bootstrap``); deterministic for a given ``seed``.
 
-    One value, or identical values, give a zero-width CI.
+    Fewer than :data:`MIN_CASES` values: NaN bounds (``n/a``). Identical values give a zero-width CI.
     """
     from scipy.stats import bootstrap
 
@@ -44,6 +64,8 @@ def bootstrap_ci(
     if data.ndim != 1 or data.size == 0:
         raise ValueError("bootstrap_ci needs a non-empty 1-D sequence of values")
     mean = float(data.mean())
+    if data.size < MIN_CASES:
+        return Interval(mean, float("nan"), float("nan"))
     if np.all(data == data[0]):
         return Interval(mean, mean, mean)
     ci = bootstrap((data,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
@@ -57,7 +79,7 @@ def paired_test(
     """Paired comparison of per-case ``values`` with ``baseline`` (same cases, same order).
 
     The CI is a bootstrap over cases of the mean difference; the p-value is the two-sided Wilcoxon
-    signed-rank test (1.0 when every difference is zero).
+    signed-rank test (1.0 when every difference is zero, NaN with fewer than :data:`MIN_CASES` cases).
     """
     from scipy.stats import wilcoxon
 
@@ -66,7 +88,10 @@ def paired_test(
         raise ValueError(f"paired_test needs as many baseline values as values ({b.shape} vs {a.shape})")
     diff = a - b
     interval = bootstrap_ci(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    p_value = 1.0 if not np.any(diff) else float(wilcoxon(diff).pvalue)
+    if diff.size < MIN_CASES:
+        p_value = float("nan")
+    else:
+        p_value = 1.0 if not np.any(diff) else float(wilcoxon(diff).pvalue)
     return PairedTest(interval, p_value, int(diff.size))
 
 
@@ -77,4 +102,4 @@ def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> Inte
     if n <= 0:
         raise ValueError("wilson_interval needs n > 0")
     ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return Interval(successes / n, float(ci.low), float(ci.high))
+    return Interval(successes / n, float(ci.low), float(ci.high), WILSON)
