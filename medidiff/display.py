@@ -57,7 +57,7 @@ def panel_figure(panels: list[tuple], *, units: str = "image units", colour_bars
     on every panel (``colour_bars="all"``) or only on the non-grey ones (``"difference"``)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.4 * len(panels), 4.6))
+    fig = Figure(figsize=(4.2 * len(panels), 4.6))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, array, cmap, (lo, hi)) in zip(axes[0], panels, strict=True):
         shown = ax.imshow(array, cmap=cmap, vmin=lo, vmax=hi)
