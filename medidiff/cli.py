@@ -63,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a config in configs/")
     train.add_argument("config", help="training config YAML, e.g. configs/bone_suppression/ldm.yaml")
     train.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
-    train.add_argument("--run-dir", default=None, help="checkpoint folder (default ~/.cache/medidiff/runs/NAME)")
+    train.add_argument("--run-dir", default=None, help="run folder: checkpoints, weights, model card "
+                       "(default ~/.cache/medidiff/runs/NAME; never the source tree)")
+    train.add_argument("--export", default=None, help="also copy the trained weights and card into this model "
+                       "folder, e.g. models/bone_suppression")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                        "or ./mlflow.db)")
@@ -181,7 +184,8 @@ def _train(args) -> int:
 
     from medidiff.train import train
 
-    options = {"resume": not args.fresh, "max_minutes": args.max_minutes, "out_dir": args.run_dir}
+    options = {"resume": not args.fresh, "max_minutes": args.max_minutes, "out_dir": args.run_dir,
+               "export_to": args.export}
     if args.no_tracking:
         train(args.config, **options)
         return 0
