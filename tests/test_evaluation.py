@@ -362,6 +362,16 @@ def test_a_mistyped_registered_model_fails_once_up_front(mlflow_server, tmp_path
     assert len(downloads) == 1
 
 
+class ModelStage:
+    """A test stage with a model parameter (resolved and identified by the evaluator) that changes nothing."""
+
+    def __init__(self, model: str = "default"):
+        self.model = model
+
+    def __call__(self, item: dict) -> dict:
+        return item
+
+
 def test_provenance_names_models_by_weights_and_the_baseline_pipeline(mlflow_server, smooth, tmp_path, monkeypatch):
     import hashlib
 
@@ -380,6 +390,15 @@ def test_provenance_names_models_by_weights_and_the_baseline_pipeline(mlflow_ser
     assert found.params[f"{key}.ldm.safetensors.sha256"] == hashlib.sha256(b"weights").hexdigest()
     assert found.params[f"{key}.registered"].startswith(f"{registered.uri} (run {registered.run_id}")
     assert [v.version for v in found.registered] == [registered.version]
+    linked = Pipeline.from_text(f"name: m\nstages:\n  - tests.test_evaluation.ModelStage: {{model: '{registered.uri}'}}\n")
+    result = evaluate(linked, phantom_data(2), tracking_uri=mlflow_server, experiment="t-provenance",
+                      output=tmp_path / "linked")
+    assert result.tracking_error is None, result.tracking_error
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version("tiny-provenance", registered.version)
+    assert version.tags[f"medidiff.evaluation.{result.run_id}"] == "m on noisy-phantom"
+    params = client.get_run(result.run_id).data.params
+    assert params["stage.0.tests.test_evaluation.ModelStage.model.registered"].startswith(registered.uri)
 
     result = evaluate(smooth, phantom_data(2), baseline=str(smooth), track=False, output=tmp_path / "out")
     params = read_local_copy(result.local_copy)[1]["params"]

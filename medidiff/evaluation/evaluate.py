@@ -432,7 +432,6 @@ def _log_run(result: EvaluationResult, record: _Record, data: EvaluationData, mo
     until everything is logged; a failure tags the reason (``medidiff.incomplete_reason``) where the
     server still answers, marks the run FAILED and lands in ``result.tracking_error``."""
     import mlflow
-    from mlflow.entities import LoggedModelInput
 
     from medidiff import tracking
 
@@ -444,9 +443,7 @@ def _log_run(result: EvaluationResult, record: _Record, data: EvaluationData, mo
             mlflow.set_tags(record.tags | {"medidiff.complete": "false"})
             mlflow.log_params(record.params)
             mlflow.log_input(data.mlflow_dataset(), context="evaluation", tags={"cases": str(len(result.cases))})
-            linked = [LoggedModelInput(v.model_id) for v in models.registered if getattr(v, "model_id", None)]
-            if linked:
-                mlflow.log_inputs(models=linked)
+            _link_registered(models.registered, result.run_id, record.run_name)
             tracking.log_metrics(record.metrics)
             tracking.log_table(record.cases, "per_case_metrics.json")
             if record.failed:
@@ -458,6 +455,19 @@ def _log_run(result: EvaluationResult, record: _Record, data: EvaluationData, mo
         except Exception as exc:  # MlflowException, requests and OS errors: all mean "not stored"
             result.tracking_error = " ".join(str(exc).split())[:300] or type(exc).__name__
             _mark_incomplete(result.tracking_error)
+
+
+def _link_registered(versions: list, run_id: str, run_name: str) -> None:
+    """Tag each registered model version used with ``medidiff.evaluation.<run id>`` = the run's name, so the
+    registry lists the evaluations of a version (the run's params name the version)."""
+    from mlflow import MlflowClient
+
+    from medidiff import tracking
+
+    uri = tracking.resolve_tracking_uri()  # the registry the stages resolved models:/ from
+    registry = MlflowClient(uri, uri)
+    for version in versions:
+        registry.set_model_version_tag(version.name, version.version, f"medidiff.evaluation.{run_id}", run_name)
 
 
 def _mark_incomplete(reason: str) -> None:
