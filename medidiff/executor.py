@@ -16,6 +16,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydicom.errors import InvalidDicomError
+
 from medidiff.errors import InputError, MedidiffError
 from medidiff.journal import Journal
 from medidiff.output_folder import STATE_DIR, OutputFolder
@@ -128,11 +130,17 @@ def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) ->
     from medidiff.io.privacy import hash_identifier
 
     study = hash_identifier(series.study_uid)
-    key, content = f"{study}/{series.key}", series.content_digest()
+    key = f"{study}/{series.key}"
     result = SeriesResult(
         series=series.key, study=study, modality=series.modality or "?",
         size=f"{series.rows}x{series.columns}x{series.frames}", state="skipped",
     )
+    try:
+        content = series.content_digest()
+    except (OSError, InvalidDicomError) as exc:  # changed since discovery: never guess, redo next run
+        result.state = "failed"
+        result.message = f"its files changed or vanished while the batch ran ({type(exc).__name__}); re-run"
+        return result
     reason = pipeline.selection.reason_to_skip(series)
     if reason:
         result.message = reason

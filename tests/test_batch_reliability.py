@@ -232,3 +232,32 @@ def test_random_kills_never_lose_or_duplicate_a_series(tmp_path, brisk):
     states = [r["state"] for r in json.loads((out / "report.json").read_text())["results"]]
     assert set(states) <= {"already done", "done"} and len(states) == SERIES
     assert states.count("already done") == len(done)
+
+
+VANISH_STAGE = '''
+import os
+
+
+class Vanish:
+    """Deletes the other series' file: another process changing the input mid-batch."""
+
+    def __init__(self, paths: list = ()):
+        self.paths = paths
+
+    def __call__(self, item):
+        for path in self.paths:
+            if os.path.exists(path) and str(item["source"].files[0]) != path:
+                os.remove(path)
+        return item
+'''
+
+
+def test_a_file_that_vanishes_mid_batch_fails_its_series_only(tmp_path):
+    files = [str(p) for p in ct_series_copies(tmp_path / "in", 2)]
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "vanish.py").write_text(VANISH_STAGE)
+    pipeline = tmp_path / "vanish.yaml"
+    pipeline.write_text(f"name: vanish\nstages:\n  - vanish.Vanish: {{paths: {files}}}\noutputs:\n  dicom: {{}}\n")
+    env = os.environ | {"PYTHONPATH": str(tmp_path / "plugins")}
+    result = medidiff("run", pipeline, tmp_path / "in", "-o", tmp_path / "out", "--no-progress", env=env)
+    assert_user_error(result, 1, "1 done", "1 failed", "changed or vanished while the batch ran")
