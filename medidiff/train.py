@@ -19,6 +19,7 @@ import math
 import pkgutil
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ LogFn = Callable[[int, dict], None]
 BUDGET_KEYS = ("max_steps", "max_minutes", "ckpt_minutes", "log_every")
 
 
-class TrainingTask:
+class TrainingTask(ABC):
     """What a method gives the trainer. ``__init__(cfg, rng)`` builds :attr:`net` (the network whose
     EMA weights are exported), :attr:`modules` (everything trained, checkpointed) and
     :attr:`optims`; :meth:`step` does one optimisation step with ``self.rng`` for data choices
@@ -52,9 +53,10 @@ class TrainingTask:
     def __init__(self, cfg: dict, rng: np.random.Generator):
         self.cfg, self.tcfg, self.rng = cfg, cfg["train"], rng
 
+    @abstractmethod
     def step(self, step: int) -> dict[str, float]:
         """One optimisation step; returns metrics to log."""
-        raise NotImplementedError
+        ...
 
     def export_config(self) -> dict:
         """The JSON config saved next to the exported weights (the trainer adds ``training``)."""
@@ -68,7 +70,7 @@ class TrainingTask:
         """Task state other than modules and optimisers, for exact resumption."""
         return {}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_extra_state(self, state: dict) -> None:  # noqa: B027 (optional: no extra state by default)
         """Restore :meth:`extra_state`."""
 
 

@@ -21,6 +21,7 @@ Step hooks (``x0_hooks``) see the process's estimate of ``x0`` at every reverse 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,7 +30,7 @@ import torch
 X0Hook = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-class Process:
+class Process(ABC):
     """Base class: subclasses set :attr:`num_train_timesteps` and :attr:`prediction`
     (what the network predicts: ``epsilon`` or ``sample`` = x0) and implement the three methods."""
 
@@ -68,16 +69,19 @@ class Process:
             x0 = hook(x0, self.index(t), len(self.timesteps))
         return x0
 
+    @abstractmethod
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                   y: torch.Tensor | None = None) -> torch.Tensor:
         """A sample of the forward marginal q(x_t | x0[, y]) for timesteps ``t`` of shape (N,)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def initial_sample(self, noise: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Where the reverse process starts, given standard normal ``noise``."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def step(self, model_output: torch.Tensor, t: int, sample: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """One reverse step from ``sample`` at timestep ``t`` to the next timestep."""
-        raise NotImplementedError
+        ...

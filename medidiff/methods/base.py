@@ -17,6 +17,7 @@ A method is
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def write_component(folder: Path, name: str, net: nn.Module, config: dict) -> Pa
     return path
 
 
-class Method:
+class Method(ABC):
     """Base class of methods. Subclasses set :attr:`model_fn` and :attr:`config` in ``__init__`` and
     implement :meth:`from_pretrained`, :meth:`networks` and ``__call__``."""
 
@@ -72,13 +73,15 @@ class Method:
     config: dict
 
     @classmethod
+    @abstractmethod
     def from_pretrained(cls, folder: Path, name: str) -> Method:
         """Load the method saved as ``folder/<name>.json`` + ``.safetensors`` (and its parts)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def networks(self) -> dict[str, tuple[nn.Module, dict]]:
         """Every saved part: file stem -> (network, JSON config)."""
-        raise NotImplementedError
+        ...
 
     def process(self, **options):
         """The sampling process for these options (``None`` for one-pass methods)."""
@@ -89,5 +92,6 @@ class Method:
         for stem, (net, config) in self.networks().items():
             write_component(folder, stem, net, config)
 
+    @abstractmethod
     def __call__(self, x: torch.Tensor, **options) -> torch.Tensor:
-        raise NotImplementedError
+        ...
