@@ -44,9 +44,9 @@ class ModelFunction(nn.Module):
         HookRegistry.check_if_exists_or_initialize(self).remove_hook(name)
 
     def reset_hooks(self) -> None:
-        """Reset stateful hooks (e.g. feature caches); methods call it before every new input."""
-        if hasattr(self, "_diffusers_hook"):
-            self._diffusers_hook.reset_stateful_hooks()
+        """Reset stateful hooks here and on submodules (e.g. feature caches); methods call it before
+        every new input."""
+        HookRegistry.check_if_exists_or_initialize(self).reset_stateful_hooks()
 
 
 def read_component(folder: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1,0 +1,28 @@
+"""Acceleration and compression transforms for any method's model function.
+
+Each transform attaches to :attr:`medidiff.methods.base.Method.model_fn` as diffusers ``ModelHook`` s
+under its own name and is removed again without a trace::
+
+    from medidiff.acceleration import DeepCache, applied
+    with applied(method.model_fn, DeepCache(interval=3)):
+        out = method(x)
+
+- :class:`DeepCache`: reuse the deep UNet features between refresh steps (``deepcache``).
+- :class:`PostTrainingQuantization`: Q-Diffusion-style fake quantization (``quantization``),
+  calibrated on :func:`record_model_inputs` (inputs recorded across sampling timesteps).
+- :class:`MagnitudePruning`: unstructured magnitude pruning (``pruning``).
+- :func:`transforms_from_spec`: the ``accelerate:`` mapping of a pipeline stage.
+
+See docs/acceleration.md for what each reuses, its measured trade-off and how it deviates from
+its paper.
+"""
+
+from medidiff.acceleration.calibration import CalibrationSet, record_model_inputs
+from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.pruning import MagnitudePruning
+from medidiff.acceleration.quantization import PostTrainingQuantization
+from medidiff.acceleration.spec import transforms_from_spec
+from medidiff.acceleration.transform import Transform, TransformError, applied
+
+__all__ = ["CalibrationSet", "DeepCache", "MagnitudePruning", "PostTrainingQuantization", "Transform",
+           "TransformError", "applied", "record_model_inputs", "transforms_from_spec"]

@@ -1,0 +1,120 @@
+"""DeepCache (Ma et al., 2023): reuse the deep UNet features, recompute only a shallow branch.
+
+On a refresh step (every ``interval``-th model call since :meth:`ModelFunction.reset_hooks`, the
+first included) the UNet runs whole and every layer's output is kept. On the other steps the shallow
+branch ``branch`` runs: ``conv_in``, the first ``branch`` down layers (a layer = resnet (+ its
+attention) or a down-sampler) and the up resnets that consume their skip features; every other
+layer (deeper down layers, the mid block, the earlier up layers) returns its cached output, so the
+first recomputed up resnet gets the cached high-level feature concatenated with a fresh skip.
+``branch=0`` (the paper's choice for Stable Diffusion) recomputes only ``conv_in``, the last up
+resnet and the output head.
+
+Works on any diffusers UNet with ``down_blocks``/``mid_block``/``up_blocks`` (``UNet2DModel``,
+``UNet2DConditionModel``) found inside the model function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import HookRegistry
+from torch import nn
+
+from medidiff.acceleration.transform import Transform, TransformError
+from medidiff.methods.base import ModelFunction
+
+
+@dataclass
+class _Schedule:
+    """Model calls since the last reset and the refresh interval, shared by all hooks of one application."""
+
+    interval: int
+    step: int = 0
+
+    @property
+    def refresh(self) -> bool:
+        return self.step % self.interval == 0
+
+
+class _StepCounter(ModelHook):
+    """On the model function: counts its calls (the sampling steps)."""
+
+    _is_stateful = True
+
+    def __init__(self, schedule: _Schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def post_forward(self, module, output):
+        self.schedule.step += 1
+        return output
+
+    def reset_state(self, module):
+        self.schedule.step = 0
+        return module
+
+
+class _CachedLayer(ModelHook):
+    """On a deep layer: computes (and keeps) its output on refresh steps, returns the kept one otherwise."""
+
+    _is_stateful = True
+
+    def __init__(self, schedule: _Schedule):
+        super().__init__()
+        self.schedule, self.output = schedule, None
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.schedule.refresh or self.output is None:
+            self.output = self.fn_ref.original_forward(*args, **kwargs)
+        return self.output
+
+    def reset_state(self, module):
+        self.output = None
+        return module
+
+
+def find_unet(model_fn: nn.Module) -> nn.Module:
+    """The (first) diffusers UNet inside ``model_fn``."""
+    for module in model_fn.modules():
+        if all(hasattr(module, a) for a in ("down_blocks", "mid_block", "up_blocks", "conv_in")):
+            return module
+    raise TransformError(f"DeepCache needs a diffusers UNet (down_blocks/mid_block/up_blocks); "
+                         f"{type(model_fn).__name__} has none")
+
+
+def _layers(block: nn.Module, samplers: str) -> list[list[nn.Module]]:
+    """A block's layers in call order: [resnet, attention?] pairs, then each resampler alone."""
+    attentions = list(getattr(block, "attentions", None) or [])
+    pairs = [[r] + ([attentions[i]] if i < len(attentions) else []) for i, r in enumerate(block.resnets)]
+    return pairs + [[s] for s in (getattr(block, samplers, None) or [])]
+
+
+def deep_layers(unet: nn.Module, branch: int) -> list[nn.Module]:
+    """The modules that DeepCache caches for skip branch ``branch`` (0 = shallowest)."""
+    down = [layer for block in unet.down_blocks for layer in _layers(block, "downsamplers")]
+    if not 0 <= branch < len(down):
+        raise TransformError(f"DeepCache branch is {branch}; this UNet has branches 0..{len(down) - 1}")
+    up = [layer for block in unet.up_blocks for layer in _layers(block, "upsamplers")]
+    # up resnets consume the skip features in reverse: the last branch + 1 of them (and what follows) run
+    up_resnets = {id(r) for block in unet.up_blocks for r in block.resnets}
+    first_fresh = [i for i, layer in enumerate(up) if id(layer[0]) in up_resnets][-(branch + 1)]
+    cached = [m for layer in down[branch:] + up[:first_fresh] for m in layer]
+    return cached + ([unet.mid_block] if unet.mid_block is not None else [])
+
+
+class DeepCache(Transform):
+    """Uniform DeepCache: full UNet every ``interval`` calls, the shallow branch ``branch`` in between."""
+
+    name = "deepcache"
+
+    def __init__(self, interval: int = 3, branch: int = 0):
+        if int(interval) != interval or interval < 1:
+            raise TransformError(f"DeepCache interval is {interval!r}; expected a whole number >= 1")
+        self.interval, self.branch = int(interval), int(branch)
+
+    def attach(self, model_fn: ModelFunction) -> None:
+        schedule = _Schedule(self.interval)
+        for module in deep_layers(find_unet(model_fn), self.branch):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_CachedLayer(schedule), self.name)
+        model_fn.register_hook(_StepCounter(schedule), self.name)

@@ -1,0 +1,201 @@
+"""Acceleration transforms on a tiny random diffusers UNet: exactness, call counts, ordering, removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medidiff.acceleration import (
+    DeepCache,
+    MagnitudePruning,
+    PostTrainingQuantization,
+    TransformError,
+    applied,
+    record_model_inputs,
+    transforms_from_spec,
+)
+from medidiff.acceleration.quantization import shortcut_splits
+from medidiff.diffusion.gaussian import cosine_alphas_cumprod, gaussian_process
+from medidiff.diffusion.sampling import sample
+from medidiff.diffusion.thresholding import TemporalThreshold
+from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks: one thread is many times faster than several on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    torch.manual_seed(0)
+    unet = build_noise_unet({"latent_channels": 2, "channels": [16, 32, 32], "layers_per_block": 1,
+                             "norm_groups": 8, "attention_head_dim": 8})
+    return ConcatConditionUNet(unet).eval().requires_grad_(False)
+
+
+def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, 16, 16, generator=gen), torch.randn(1, 2, 16, 16, generator=gen)
+
+
+def run(model_fn, seed: int = 0) -> torch.Tensor:
+    """One DDIM sampling run, as a method calls it (hooks reset first)."""
+    noise, cond = inputs(seed)
+    process = gaussian_process("ddim", cosine_alphas_cumprod(1000), [TemporalThreshold(1.45, 0.0025, 1000)])
+    process.set_timesteps(STEPS)
+    model_fn.reset_hooks()
+    return sample(model_fn, process, noise, cond)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def baseline(model_fn):
+    return run(model_fn)
+
+
+@pytest.fixture(scope="module")
+def calibration(model_fn):
+    return record_model_inputs(model_fn, lambda: [run(model_fn, seed) for seed in (1, 2)], every=2)
+
+
+def count_calls(module: torch.nn.Module, counts: dict, key: str):
+    return module.register_forward_hook(lambda *_: counts.__setitem__(key, counts.get(key, 0) + 1))
+
+
+def test_deepcache_interval_one_is_exactly_the_baseline(model_fn, baseline):
+    with applied(model_fn, DeepCache(interval=1)):
+        assert torch.equal(run(model_fn), baseline)
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_deepcache_calls_the_deep_blocks_only_on_refresh_steps(model_fn, baseline, interval):
+    unet, counts = model_fn.net, {}
+    handles = [count_calls(unet.mid_block.resnets[0].conv1, counts, "mid"),
+               count_calls(unet.down_blocks[1].resnets[0].conv1, counts, "down1"),
+               count_calls(unet.up_blocks[-1].resnets[-1].conv1, counts, "last_up"),
+               count_calls(unet.conv_in, counts, "conv_in")]
+    try:
+        with applied(model_fn, DeepCache(interval=interval)):
+            out = run(model_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    refreshes = len(range(0, STEPS, interval))
+    assert counts == {"mid": refreshes, "down1": refreshes, "last_up": STEPS, "conv_in": STEPS}
+    other_noise = run(model_fn, seed=5)
+    assert 0 < rel_err(out, baseline) < 0.25 * rel_err(other_noise, baseline)
+
+
+def test_deepcache_deeper_branch_recomputes_more(model_fn):
+    counts = {}
+    handle = count_calls(model_fn.net.down_blocks[0].resnets[0].conv1, counts, "down0")
+    try:
+        with applied(model_fn, DeepCache(interval=5, branch=1)):
+            run(model_fn)
+    finally:
+        handle.remove()
+    assert counts["down0"] == STEPS
+    with pytest.raises(TransformError, match="branch is 99"):
+        DeepCache(interval=2, branch=99).apply(model_fn)
+
+
+def test_deepcache_cache_is_reset_between_inputs(model_fn):
+    with applied(model_fn, DeepCache(interval=3)):
+        first = run(model_fn, seed=0)
+        run(model_fn, seed=7)
+        assert torch.equal(run(model_fn, seed=0), first)
+
+
+def test_calibration_covers_the_sampling_timesteps(calibration):
+    assert len(calibration.inputs) == 2 * STEPS // 2
+    assert len(calibration.timesteps) == STEPS // 2
+    assert max(calibration.timesteps) - min(calibration.timesteps) > 600
+
+
+def test_quantization_error_orders_with_bits(model_fn, baseline, calibration):
+    x, t, cond = calibration.inputs[3]
+    one_call = model_fn(x, t, cond)
+    errs = {}
+    for w, a in ((16, 16), (8, 8), (4, 8)):
+        with applied(model_fn, PostTrainingQuantization(calibration, weight_bits=w, act_bits=a)):
+            errs[w] = rel_err(run(model_fn), baseline)
+            if w == 16:
+                assert rel_err(model_fn(x, t, cond), one_call) < 2e-4
+    assert errs[16] < 0.01  # 10 steps of a random UNet amplify the per-call error
+    assert errs[16] < errs[8] < errs[4]
+
+
+def test_split_shortcut_matches_the_up_block_concatenation(model_fn):
+    unet, seen = model_fn.net, {}
+    handles = [block.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1]))
+               for i, block in enumerate(unet.up_blocks)]
+    try:
+        run(model_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    splits = shortcut_splits(model_fn)
+    for i, block in enumerate(unet.up_blocks):
+        assert splits[block.resnets[0].conv_shortcut] == seen[i]
+        assert splits[block.resnets[1].conv_shortcut] == block.resnets[0].out_channels
+
+
+def test_pruning_zeroes_the_smallest_weights(model_fn, baseline):
+    conv = model_fn.net.up_blocks[0].resnets[0].conv1
+    with applied(model_fn, MagnitudePruning(0.5)):
+        effective = conv._diffusers_hook.get_hook("pruning").weight
+        assert abs(float((effective == 0).float().mean()) - 0.5) < 0.01
+        kept = effective[effective != 0].abs().min()
+        assert kept >= conv.weight[effective == 0].abs().max()
+        assert not torch.equal(run(model_fn), baseline)
+
+
+def test_transforms_are_removed_without_a_trace(model_fn, baseline, calibration):
+    for transform in (DeepCache(interval=3), PostTrainingQuantization(calibration, 4, 8), MagnitudePruning(0.3)):
+        with applied(model_fn, transform):
+            assert not torch.equal(run(model_fn), baseline)
+        assert torch.equal(run(model_fn), baseline)
+
+
+def test_deepcache_and_quantization_compose_in_either_order(model_fn, calibration):
+    quant, cache = PostTrainingQuantization(calibration, 8, 8), DeepCache(interval=2)
+    with applied(model_fn, quant, cache):
+        a = run(model_fn)
+    with applied(model_fn, cache, quant):
+        b = run(model_fn)
+    assert torch.equal(a, b)
+
+
+def test_refusals_are_clear(model_fn, calibration):
+    with applied(model_fn, DeepCache(interval=2)):
+        with pytest.raises(TransformError, match="already applied"):
+            DeepCache(interval=3).apply(model_fn)
+    with applied(model_fn, MagnitudePruning(0.2)):
+        with pytest.raises(TransformError, match="cannot be combined with pruning"):
+            PostTrainingQuantization(calibration, 8, 8).apply(model_fn)
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in model_fn.net.modules())
+    with pytest.raises(TransformError, match="needs a diffusers UNet"):
+        DeepCache(2).apply(ConcatConditionUNet(torch.nn.Conv2d(4, 2, 3)))
+
+
+def test_spec_builds_transforms_and_names_mistakes():
+    built = transforms_from_spec({"deepcache": {"interval": 3}, "pruning": {"sparsity": 0.3}})
+    assert [type(t) for t in built] == [DeepCache, MagnitudePruning] and built[0].interval == 3
+    assert transforms_from_spec(None) == []
+    for spec, message in (({"fastercache": {}}, "unknown transform 'fastercache'"),
+                          ({"quantization": {"weight_bits": 8}}, "needs calibration data"),
+                          ({"deepcache": {"intervall": 3}}, "deepcache: got an unexpected keyword"),
+                          ({"deepcache": {"interval": 0}}, "interval is 0"),
+                          ([3], "expected a mapping")):
+        with pytest.raises(TransformError, match=message):
+            transforms_from_spec(spec)
