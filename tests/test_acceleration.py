@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from medidiff.acceleration import (
     DeepCache,
@@ -19,6 +22,8 @@ from medidiff.diffusion.gaussian import cosine_alphas_cumprod, gaussian_process
 from medidiff.diffusion.sampling import sample
 from medidiff.diffusion.thresholding import TemporalThreshold
 from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
+from medidiff.stages.bone_suppression import BoneSuppression
+from medidiff.stages.registry import ParameterError
 
 STEPS = 10
 
@@ -199,3 +204,16 @@ def test_spec_builds_transforms_and_names_mistakes():
                           ([3], "expected a mapping")):
         with pytest.raises(TransformError, match=message):
             transforms_from_spec(spec)
+
+
+def test_bone_suppression_stage_takes_an_accelerate_mapping():
+    item = {"image": MetaTensor(torch.linspace(0, 4000, 192 * 160).reshape(1, 192, 160)),
+            "source": types.SimpleNamespace(modality="DX")}
+    plain = BoneSuppression(steps=4, keep_bone_layer=False)(item)["image"]
+    stage = BoneSuppression(steps=4, keep_bone_layer=False, accelerate={"deepcache": {"interval": 1}})
+    assert torch.equal(stage(item)["image"], plain)
+    with_cache = BoneSuppression(steps=4, keep_bone_layer=False, accelerate={"deepcache": {"interval": 2}})(item)
+    assert not torch.equal(with_cache["image"], plain)
+    assert torch.equal(BoneSuppression(steps=4, keep_bone_layer=False)(item)["image"], plain)  # hooks removed
+    with pytest.raises(ParameterError, match="accelerate is .*unknown transform 'cache'"):
+        BoneSuppression(accelerate={"cache": {}})

@@ -17,7 +17,7 @@ from medidiff.display import percentile_window
 from medidiff.errors import StageError
 from medidiff.io.layout import swap_rows_cols
 from medidiff.stages.basic import check_finite
-from medidiff.stages.registry import register_stage
+from medidiff.stages.registry import ParameterError, register_stage
 
 MODALITIES = ("CR", "DX")
 MIN_SIZE, MAX_SIZE = 128, 8192
@@ -55,14 +55,24 @@ def _check(image: torch.Tensor, source: object) -> torch.Tensor:
 @register_stage("bone_suppression", summary="BS-LDM: remove ribs/clavicles from a chest radiograph (CR/DX PA/AP).")
 class BoneSuppression:
     """Bone suppression; ``steps``: sampling steps of the model's sampler (DDPM respaced from 1000
-    training steps; 50 measured as good as 1000); ``keep_bone_layer``: also return item['bone']."""
+    training steps; 50 measured as good as 1000); ``keep_bone_layer``: also return item['bone'];
+    ``accelerate``: model transforms, e.g. ``{deepcache: {interval: 3}}`` (docs/acceleration.md)."""
 
     task = "bone_suppression"  # evaluation metrics and baseline: medidiff.evaluation.tasks
 
-    def __init__(self, steps: int = 50, model: str = "default", keep_bone_layer: bool = True, seed: int = 0):
+    def __init__(self, steps: int = 50, model: str = "default", keep_bone_layer: bool = True, seed: int = 0,
+                 accelerate: dict | None = None):
         if not 1 <= steps <= 1000:
             raise StageError(f"bone_suppression: steps is {steps}; expected 1..1000")
         self.steps, self.model, self.keep_bone_layer, self.seed = steps, model, keep_bone_layer, seed
+        self.transforms = []
+        if accelerate is not None:
+            from medidiff.acceleration import TransformError, transforms_from_spec
+
+            try:
+                self.transforms = transforms_from_spec(accelerate)
+            except TransformError as e:
+                raise ParameterError("accelerate", accelerate, f"deepcache/pruning options ({e})") from None
 
     def bone_layer(self, norm: torch.Tensor) -> torch.Tensor:
         """Predicted bone layer (1, rows, cols) for a normalised image, at the image's own size."""
@@ -75,7 +85,10 @@ class BoneSuppression:
         small = small.clamp(0, 1)
         pad = (0, res - w, 0, res - h)
         lr = F.pad(small, pad, mode="replicate")
-        soft = net.suppress(lr, self.steps, seed=self.seed)
+        from medidiff.acceleration import applied
+
+        with applied(net.model_fn, *self.transforms):
+            soft = net.suppress(lr, self.steps, seed=self.seed)
         bone_lr = (lr - soft)[..., :h, :w]
         return F.interpolate(bone_lr, size=(rows, cols), mode="bicubic", align_corners=False)[0]
 
