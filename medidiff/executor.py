@@ -4,7 +4,9 @@ Each series is loaded, passed through the stages and written to
 ``<output>/<study hash>/<series key>/`` through a temporary folder that is renamed when whole (see
 :mod:`medidiff.output_folder`: one run per output folder, manifests verified on re-run), so an
 interrupted run never leaves half-written results; the journal lets the next run skip what is done
-and redo what changed. One bad series never stops the batch: its reason goes into the report.
+and redo what changed. One bad series never stops the batch: its reason goes into the report. A
+projection series (CR/DX) is run image by image: each radiograph is a unit of its own (folder, journal
+row, report row), so one bad image never loses the others.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ LOCAL_REFUSALS = "refused-local.log"  # in OUT/.medidiff/: paths of unreadable f
 
 @dataclass
 class SeriesResult:
-    """What happened to one series (no patient identifiers: hashed keys only)."""
+    """What happened to one series, or one radiograph of a projection series (no patient identifiers:
+    hashed keys only; ``image_of``: the key of the series the radiograph belongs to)."""
 
     series: str
     study: str
@@ -39,6 +42,7 @@ class SeriesResult:
     message: str = ""
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    image_of: str = ""
 
 
 @dataclass
@@ -72,7 +76,8 @@ class RunReport:
         ]
         for r in self.results:
             if r.state in ("failed", "skipped") or r.state == "done" and r.message:
-                lines.append(f"  {r.state:7s} series {r.series} ({r.modality} {r.size}): {r.message}")
+                unit = f"image {r.series} of series {r.image_of}" if r.image_of else f"series {r.series}"
+                lines.append(f"  {r.state:7s} {unit} ({r.modality} {r.size}): {r.message}")
         for refusal in self.refused[:20]:
             lines.append(f"  unreadable file {refusal['file']}: {refusal['reason']}")
         if len(self.refused) > 20:
@@ -134,6 +139,7 @@ def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) ->
     result = SeriesResult(
         series=series.key, study=study, modality=series.modality or "?",
         size=f"{series.rows}x{series.columns}x{series.frames}", state="skipped",
+        image_of=series.series_key if series.instance_uid else "",
     )
     try:
         content = series.content_digest()
@@ -141,7 +147,7 @@ def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) ->
         result.state = "failed"
         result.message = f"its files changed or vanished while the batch ran ({type(exc).__name__}); re-run"
         return result
-    reason = pipeline.selection.reason_to_skip(series)
+    reason = series.skip_reason or pipeline.selection.reason_to_skip(series)
     if reason:
         result.message = reason
         journal.record(key, pipeline.digest, content, "skipped", message=reason)

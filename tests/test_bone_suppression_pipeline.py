@@ -59,7 +59,7 @@ def test_soft_tissue_is_closer_to_the_reference_than_the_radiograph(demo_output)
 def test_reference_series_is_skipped_and_reported(demo_output):
     report = json.loads((demo_output / "report.json").read_text())
     skipped = [r for r in report["results"] if r["state"] == "skipped"]
-    assert len(skipped) == 1 and "lacks ORIGINAL" in skipped[0]["message"]
+    assert len(skipped) == 1 and "reference series of an evaluation folder" in skipped[0]["message"]
 
 
 def test_ct_is_refused_with_a_reason(tmp_path):

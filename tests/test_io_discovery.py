@@ -8,11 +8,17 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from medidiff.errors import InputError
 from medidiff.io.discovery import discover, open_source
-from medidiff.io.loading import load_series, load_study
+from medidiff.io.loading import load_item, load_series, load_study
+from medidiff.io.writers import write_derived_dicom
+from tests.radiographs import chest_radiograph, real_chest_cr
 
 
 def _reason_of(inventory, name: str) -> str:
@@ -122,3 +128,47 @@ def test_bad_input_paths(tmp_path, make):
         path.mkdir()
     with pytest.raises(InputError, match=str(path)):
         discover(path)
+
+
+def test_projection_series_is_one_series_ref_per_image(tmp_path):
+    """A CR/DX series holds one radiograph per instance: never a stack, whatever the sizes and views."""
+    study, series = generate_uid(), generate_uid()
+    views = [("PA", None, 8), ("LATERAL", None, 8), ("", "LL", 16), ("PA", "LL", 8), ("", "PA", 16)]
+    for i, (position, code, shrink) in enumerate(views, start=1):
+        chest_radiograph(tmp_path / f"{i}.dcm", study=study, series=series, instance=i, view_position=position,
+                         view_code=code, shrink=shrink)
+    inventory = discover(tmp_path)
+    assert not inventory.refused  # two image sizes in one series: no "size differs" refusal
+    refs = sorted(inventory.series, key=lambda s: s.files[0].name)
+    assert [s.view_position for s in refs] == ["PA", "LATERAL", "LL", "LL", "PA"]  # a lateral code wins
+    assert len({s.key for s in refs}) == 5 and {s.series_key for s in refs} == {refs[0].series_key}
+    assert all(len(s.files) == 1 and s.frames == 1 and not s.is_3d and s.instance_uid for s in refs)
+    assert [load_series(s).shape[1:] for s in refs[1:3]] == [(230, 244), (115, 122)]
+
+
+def test_uncalibrated_radiograph_is_read_with_one_mm_pixels(tmp_path):
+    """A real CR with PixelSpacing 0\\0 ("not calibrated") is used; the same value in a CT is refused."""
+    shutil.copy(real_chest_cr(), tmp_path / "cr.dcm")
+    (cr,) = discover(tmp_path).series
+    assert cr.image_type == ("DERIVED", "PRIMARY") and cr.photometric == "MONOCHROME1" and not cr.skip_reason
+    assert np.allclose(load_series(cr).meta["spacing"][:2], 1.0)
+    (tmp_path / "cr.dcm").unlink()
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.PixelSpacing = ["0", "0"]
+    ct.save_as(tmp_path / "ct.dcm")
+    assert "pixel spacing 0\\0 is not two positive numbers" in _reason_of(discover(tmp_path), "ct.dcm")
+
+
+def test_medidiff_outputs_and_evaluation_references_are_found_with_a_skip_reason(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "datasets" / "samples" / "chest-dx-sample"
+    shutil.copytree(sample, tmp_path / "eval")
+    by_folder = {s.files[0].parent.name: s for s in discover(tmp_path / "eval").series}
+    assert not by_folder["eval"].skip_reason
+    assert "reference series of an evaluation folder" in by_folder["reference"].skip_reason
+    (alone,) = discover(tmp_path / "eval" / "reference").series  # a folder of its own: an input like any other
+    assert not alone.skip_reason
+    item = load_item(by_folder["eval"])
+    write_derived_dicom(item["image"], item["source"], tmp_path / "eval" / "out", series_description="s",
+                        derivation_description="d")
+    (output,) = [s for s in discover(tmp_path / "eval").series if s.files[0].parent.name == "out"]
+    assert "medidiff's own output" in output.skip_reason

@@ -8,6 +8,11 @@ links and DICOMDIR references that leave it are refused without naming their tar
 extracted under caps (``medidiff.io.archive``); header text is escaped and capped before anything
 shows it (``medidiff.io.text``); a study whose files carry different PatientIDs is refused whole,
 never merged; headers whose geometry or values would be silently altered are refused with the reason.
+
+A projection series (CR, DX, MG, ...) holds one radiograph per instance (PA and lateral, repeats, the same
+image in several transfer syntaxes): each instance is a ``SeriesRef`` of its own (``instance_uid`` set),
+processed image by image, never stacked into a volume. medidiff's own outputs and the reference series of
+evaluation folders are found but carry a ``skip_reason``: no pipeline takes them as input.
 """
 
 from __future__ import annotations
@@ -34,6 +39,15 @@ from medidiff.io.volumes import describe_volume, file_digest, sidecar_of, volume
 REFUSED_REASON_LIMIT = 300
 OUTSIDE = "points outside the input folder (symbolic link or '..'); not followed"
 PATH_LIMIT = 1024
+# Modalities whose instances are each a radiograph of their own (never slices of one volume).
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "RG"})
+# medidiff marks the equipment item it adds to a derived image's ContributingEquipmentSequence so.
+MEDIDIFF_MANUFACTURER = "medidiff"
+REFERENCE_FOLDER = "reference"  # an evaluation folder's truth series (medidiff.evaluation.datasets)
+# ViewCodeSequence codes (SNOMED CT, DICOM CID 4010) of the side views, as a ViewPosition would say them.
+LATERAL_VIEW_CODES = {"399198007": "RL", "399173006": "LL", "399067008": "LATERAL", "399352003": "LM",
+                      "399260004": "ML"}
+FRONTAL_VIEW_CODES = {"272479007": "PA", "399348003": "AP"}
 
 
 @dataclass
@@ -61,6 +75,8 @@ class SeriesRef:
     root: Path | None = None
     keepalive: object = field(default=None, repr=False, compare=False)  # a zip extraction to keep
     source_format: str = "DICOM"  # or a volume format: "NIfTI", "NRRD", "MetaImage" (no DICOM header)
+    instance_uid: str = ""  # the SOP Instance UID when this is one radiograph of a projection series
+    skip_reason: str = ""  # why no pipeline takes it as input (medidiff's own output, an evaluation truth)
 
     @property
     def is_dicom(self) -> bool:
@@ -69,7 +85,13 @@ class SeriesRef:
 
     @property
     def key(self) -> str:
-        """Short hash of the SeriesInstanceUID: safe to log and to name output folders."""
+        """Short hash of the SeriesInstanceUID (with the SOP Instance UID for one radiograph of a projection
+        series): safe to log and to name output folders."""
+        return hash_identifier(f"{self.series_uid}/{self.instance_uid}" if self.instance_uid else self.series_uid)
+
+    @property
+    def series_key(self) -> str:
+        """Short hash of the SeriesInstanceUID alone (the series a radiograph belongs to)."""
         return hash_identifier(self.series_uid)
 
     @property
@@ -101,7 +123,8 @@ class SeriesRef:
             "view_position": self.view_position, "rows": self.rows, "columns": self.columns,
             "frames": self.frames, "photometric": self.photometric,
             "transfer_syntaxes": list(self.transfer_syntaxes), "instances": len(self.files),
-            "series_description": self.series_description,
+            "series_description": self.series_description, "series": self.series_key,
+            "skip_reason": self.skip_reason,
         }
 
 
@@ -371,7 +394,9 @@ def _patient(ds: pydicom.Dataset) -> str:
 
 
 def _group(headers: list[tuple[Path, pydicom.Dataset]], root: Path, refused: list[Refusal]) -> list[SeriesRef]:
-    """Group readable image headers by study/series; refuse studies mixing patients, duplicates and misfits."""
+    """Group readable image headers by study/series; refuse studies mixing patients, duplicates and misfits.
+
+    A projection series gives one SeriesRef per instance; the others one per series."""
     groups: dict[tuple[str, str], list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     for file, ds in headers:
         study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
@@ -382,22 +407,66 @@ def _group(headers: list[tuple[Path, pydicom.Dataset]], root: Path, refused: lis
     _refuse_mixed_patients(groups, root, refused)
     result = []
     for (study, series), members in groups.items():
-        kept = _dedupe(members, root, refused)
-        first = kept[0][1]
-        frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in kept)
-        result.append(SeriesRef(
-            study_uid=study, series_uid=series, patient_hash=hash_identifier(_patient(first)),
-            modality=clean_text(first.get("Modality", "")), body_part=clean_text(first.get("BodyPartExamined", "")),
-            image_type=tuple(clean_text(v) for v in as_list(first.get("ImageType", [])) if v is not None),
-            view_position=clean_text(first.get("ViewPosition", "")),
-            rows=int(first.Rows), columns=int(first.Columns), frames=frames,
-            photometric=clean_text(first.PhotometricInterpretation),
-            transfer_syntaxes=tuple(sorted({clean_text(transfer_syntax(ds).name) for _, ds in kept})),
-            files=[f for f, _ in kept], series_description=clean_text(first.get("SeriesDescription", "")),
-            root=root,
-        ))
+        if str(members[0][1].get("Modality", "")) in PROJECTION_MODALITIES:
+            result += [_series_ref(study, series, [member], root, instance=True)
+                       for member in _unique_instances(members, root, refused)]
+        else:
+            result.append(_series_ref(study, series, _dedupe(members, root, refused), root))
+    _mark_evaluation_references(result, root)
     return sorted(result, key=lambda s: (s.study_uid, s.files[0]))
 
+
+def _series_ref(study: str, series: str, kept: list[tuple[Path, pydicom.Dataset]], root: Path, *,
+                instance: bool = False) -> SeriesRef:
+    """The SeriesRef of ``kept`` (its first header describes it); ``instance``: one radiograph of a
+    projection series."""
+    first = kept[0][1]
+    return SeriesRef(
+        study_uid=study, series_uid=series, patient_hash=hash_identifier(_patient(first)),
+        modality=clean_text(first.get("Modality", "")), body_part=clean_text(first.get("BodyPartExamined", "")),
+        image_type=tuple(clean_text(v) for v in as_list(first.get("ImageType", [])) if v is not None),
+        view_position=_view_position(first),
+        rows=int(first.Rows), columns=int(first.Columns),
+        frames=sum(int(ds.get("NumberOfFrames", 1) or 1) for _, ds in kept),
+        photometric=clean_text(first.PhotometricInterpretation),
+        transfer_syntaxes=tuple(sorted({clean_text(transfer_syntax(ds).name) for _, ds in kept})),
+        files=[f for f, _ in kept], series_description=clean_text(first.get("SeriesDescription", "")),
+        root=root, instance_uid=str(first.get("SOPInstanceUID", "")) if instance else "",
+        skip_reason=_medidiff_output_reason(first),
+    )
+
+
+def _view_position(ds: pydicom.Dataset) -> str:
+    """ViewPosition, or the view its ViewCodeSequence codes when that is a side view or ViewPosition is
+    empty (a lateral code wins over a frontal ViewPosition: the model must not take a side view)."""
+    stated = clean_text(ds.get("ViewPosition", "")).strip()
+    codes = [str(item.get("CodeValue", "")) for item in ds.get("ViewCodeSequence") or []]
+    lateral = next((LATERAL_VIEW_CODES[c] for c in codes if c in LATERAL_VIEW_CODES), "")
+    if lateral and stated not in LATERAL_VIEW_CODES.values():
+        return lateral
+    return stated or next((FRONTAL_VIEW_CODES[c] for c in codes if c in FRONTAL_VIEW_CODES), "")
+
+
+def _medidiff_output_reason(ds: pydicom.Dataset) -> str:
+    """The skip reason of an image medidiff derived ('' for any other): its ContributingEquipmentSequence
+    names medidiff (outputs of earlier versions: their DerivationDescription does)."""
+    equipment = ds.get("ContributingEquipmentSequence") or []
+    marked = any(str(item.get("Manufacturer", "")) == MEDIDIFF_MANUFACTURER for item in equipment)
+    if marked or MEDIDIFF_MANUFACTURER in str(ds.get("DerivationDescription", "")).lower():
+        return "medidiff's own output (a derived image medidiff wrote); not processed again"
+    return ""
+
+
+def _mark_evaluation_references(series: list[SeriesRef], root: Path) -> None:
+    """Give a skip reason to the series under ``root/reference/`` whose study has series elsewhere in the
+    input: the truth of an evaluation folder (``medidiff evaluate``), not an input."""
+    folder = root / REFERENCE_FOLDER
+    inside = [s for s in series if folder in s.files[0].parents]
+    elsewhere = {s.study_uid for s in series if folder not in s.files[0].parents}
+    for s in inside:
+        if s.study_uid in elsewhere and not s.skip_reason:
+            s.skip_reason = (f"the reference series of an evaluation folder ({REFERENCE_FOLDER}/ holds the truth "
+                             "to compare with); not an input")
 
 def _refuse_mixed_patients(groups: dict, root: Path, refused: list[Refusal]) -> None:
     """Remove from ``groups`` every study whose files carry more than one PatientID, refusing its files.
@@ -419,21 +488,29 @@ def _refuse_mixed_patients(groups: dict, root: Path, refused: list[Refusal]) -> 
         refused.extend(Refusal(relative_path(file, root), reason) for file, _ in members)
 
 
-def _dedupe(members, root: Path, refused: list[Refusal]):
-    """Keep one file per SOP instance and slice, of the series' size; sort along the slice normal."""
-    members = sorted(members, key=lambda m: str(m[0]))
+def _unique_instances(members, root: Path, refused: list[Refusal]):
+    """One file per SOP instance (the others refused as duplicates), in InstanceNumber order."""
     kept, seen = [], {}
-    size = (int(members[0][1].Rows), int(members[0][1].Columns))
-    for file, ds in members:
-        rel = relative_path(file, root)
-        sop = str(ds.get("SOPInstanceUID", file))
+    for file, ds in sorted(members, key=lambda m: str(m[0])):
+        rel, sop = relative_path(file, root), str(ds.get("SOPInstanceUID", file))
         if sop in seen:
             refused.append(Refusal(rel, "duplicate of another file (same SOPInstanceUID)", seen[sop]))
-        elif (int(ds.Rows), int(ds.Columns)) != size:
-            refused.append(Refusal(rel, f"size {ds.Rows}x{ds.Columns} differs from the rest of its series "
-                                        f"({size[0]}x{size[1]})"))
         else:
             seen[sop] = rel
+            kept.append((file, ds))
+    return sorted(kept, key=lambda m: (int(m[1].get("InstanceNumber", 0) or 0), str(m[0])))
+
+
+def _dedupe(members, root: Path, refused: list[Refusal]):
+    """Keep one file per SOP instance and slice, of the series' size; sort along the slice normal."""
+    kept = []
+    members = sorted(_unique_instances(members, root, refused), key=lambda m: str(m[0]))
+    size = (int(members[0][1].Rows), int(members[0][1].Columns))
+    for file, ds in members:
+        if (int(ds.Rows), int(ds.Columns)) != size:
+            refused.append(Refusal(relative_path(file, root), f"size {ds.Rows}x{ds.Columns} differs from the rest "
+                                                              f"of its series ({size[0]}x{size[1]})"))
+        else:
             kept.append((file, ds))
     if len(kept) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in kept):
         first = relative_path(kept[0][0], root)

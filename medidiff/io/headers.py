@@ -3,7 +3,8 @@
 A file is refused (with a one-line reason) when it is not an image medidiff processes, when its pixel
 data cannot be decoded or is truncated, and when using it would silently change values or geometry:
 a zero or non-numeric RescaleSlope, an ImageOrientationPatient that is not two perpendicular unit
-vectors (e.g. all zeros), a pixel spacing that is not two positive numbers (an absent one means 1 mm),
+vectors (e.g. all zeros), a pixel spacing that is not two positive numbers (an absent one means 1 mm, as
+does 0\\0, "not calibrated", in a radiograph without patient coordinates),
 1-bit pixel data, or a side more than ``MAX_ASPECT`` times the other. Header values quoted in reasons
 are escaped and capped (``medidiff.io.text``).
 """
@@ -98,8 +99,10 @@ def header_geometry(ds: pydicom.Dataset, frame: int = 0):
 
     iop = find("ImageOrientationPatient", "PlaneOrientationSequence")
     ipp = find("ImagePositionPatient", "PlanePositionSequence")
-    spacing = find("PixelSpacing", "PixelMeasuresSequence") or ds.get("ImagerPixelSpacing")
-    return iop, ipp, spacing
+    spacing = [find("PixelSpacing", "PixelMeasuresSequence"), ds.get("ImagerPixelSpacing")]
+    if iop is None:  # a radiograph (CR/DX) with no patient coordinates writes 0\0 for "not calibrated"
+        spacing = [v for v in spacing if _numbers(v) is None or any(_numbers(v))]
+    return iop, ipp, next((v for v in spacing if v), None)
 
 
 def _read(file: Path) -> pydicom.Dataset:

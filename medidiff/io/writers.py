@@ -14,17 +14,17 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from medidiff import __version__
 from medidiff.display import before_after_figure, display_slice, percentile_window
 from medidiff.errors import OutputError
 from medidiff.io.atomic import atomic_dir, atomic_write
-from medidiff.io.discovery import SeriesRef
-from medidiff.io.headers import header_geometry, read_header, transfer_syntax
+from medidiff.io.discovery import MEDIDIFF_MANUFACTURER, PROJECTION_MODALITIES, SeriesRef
+from medidiff.io.headers import as_list, header_geometry, read_header, transfer_syntax
 from medidiff.io.loading import dicom_affine, stored_range
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # IODs whose Modality LUT is fixed to identity (RescaleSlope 1, RescaleIntercept 0) or absent.
 FIXED_RESCALE_SOP = ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.3")
-PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
 NO_RESCALE_MODALITIES = {"MR", "US", "NM", "XA", "RF"}
 # Attributes that describe the source's pixels, not ours; dropped before writing.
 DROP = (
@@ -44,9 +44,11 @@ def write_derived_dicom(
     """Write ``image`` as a new derived series of ``source``'s study into ``out_dir`` (replaced atomically).
 
     Each output instance copies its source instance's Patient/Study/Series/Equipment attributes, gets new
-    Series/SOP Instance UIDs, ImageType DERIVED\\SECONDARY, a SourceImageSequence reference and geometry
-    from the image's affine. Intensities are mapped back to stored values (MONOCHROME1 restored), keeping
-    the source's rescale when the values fit and choosing a new one otherwise. Returns the written paths.
+    Series/SOP Instance UIDs, ImageType DERIVED\\SECONDARY, a SourceImageSequence reference, geometry
+    from the image's affine and a ContributingEquipmentSequence item naming medidiff (discovery recognises
+    medidiff's outputs by it and never takes them as input). Intensities are mapped back to stored values
+    (MONOCHROME1 restored), keeping the source's rescale when the values fit and choosing a new one
+    otherwise. Returns the written paths.
     """
     volume = _volume(image)
     headers = [read_header(f) for f in source.files]
@@ -73,6 +75,7 @@ def write_derived_dicom(
             ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
             ds.SeriesDescription = series_description[:64]
             ds.DerivationDescription = derivation_description[:1024]
+            _contributing_equipment(ds, now, derivation_description)
             ds.InstanceNumber = k + 1
             name = f"IM{k + 1:05d}.dcm"
             pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
@@ -211,12 +214,39 @@ def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | Non
         ds.NumberOfFrames = frames
     if affine is not None:
         _geometry(ds, src, affine, offset, source_rows, source_cols)
+    _drop_uncalibrated_spacing(ds)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.preamble = b"\0" * 128
     return ds
+
+
+def _contributing_equipment(ds: Dataset, now: dt.datetime, description: str) -> None:
+    """Append medidiff as processing equipment to the ContributingEquipmentSequence (the source's kept)."""
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "109102", "DCM", "Processing Equipment"
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    item.Manufacturer = MEDIDIFF_MANUFACTURER
+    item.SoftwareVersions = __version__
+    item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
+    item.ContributionDescription = description[:1024]
+    ds.ContributingEquipmentSequence = Sequence([*(ds.get("ContributingEquipmentSequence") or []), item])
+
+
+def _drop_uncalibrated_spacing(ds: Dataset) -> None:
+    """Omit a radiograph's 0\\0 pixel spacing (its "not calibrated", invalid as written; read as absent)."""
+    if "ImageOrientationPatient" in ds:
+        return
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            zero = keyword in ds and not any(float(v) for v in as_list(ds[keyword].value))
+        except (TypeError, ValueError):
+            continue
+        if zero:
+            del ds[keyword]
 
 
 def _series_laterality(ds: Dataset) -> None:
