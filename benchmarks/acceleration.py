@@ -1,0 +1,85 @@
+"""Acceleration transforms on the shipped BS-LDM: seconds per 256x256 image and quality.
+
+``python benchmarks/acceleration.py [--images 8] [--threads 1] [--model models/bone_suppression]``.
+Held-out phantom pairs (``chest_phantom.TEST_SEEDS``) go through the method (VQ-GAN encode, the
+model's sampler, decode) with each transform applied to ``method.model_fn``; every row is timed in
+this run (the fastest image, after one warm-up call), and compared with the untransformed output (same seed)
+and with the true soft-tissue image. Quantization is calibrated on validation pairs
+(``VAL_SEEDS``, model inputs recorded every 5th sampling step); it is fake quantization (float
+kernels), so it shows quality, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from medidiff.acceleration import (
+    DeepCache,
+    MagnitudePruning,
+    PostTrainingQuantization,
+    applied,
+    record_model_inputs,
+)
+from medidiff.datasets import chest_phantom
+from medidiff.methods.bone_suppression import BSLDM, MODELS_DIR
+from medidiff.metrics import psnr, ssim
+
+
+def pairs(seeds: list[int], size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cxr, soft) phantom batches (N, 1, size, size)."""
+    batch = chest_phantom.make_batch(seeds, size)
+    return torch.from_numpy(batch["cxr"])[:, None], torch.from_numpy(batch["soft"])[:, None]
+
+
+def run(method: BSLDM, cxr: torch.Tensor, transforms: list) -> tuple[torch.Tensor, float]:
+    """Outputs (N, 1, H, W) and the fastest image's seconds (all cost the same; the minimum damps
+    other load on a shared CPU), the transforms applied around each call."""
+    outs, seconds = [], []
+    with applied(method.model_fn, *transforms):
+        method(cxr[:1])  # warm-up
+        for image in cxr.split(1):
+            start = time.perf_counter()
+            outs.append(method(image))
+            seconds.append(time.perf_counter() - start)
+    return torch.cat(outs), min(seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--images", type=int, default=8, help="held-out test pairs")
+    p.add_argument("--calibration-images", type=int, default=4, help="validation pairs for quantization")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default=str(MODELS_DIR), help="BS-LDM folder (ldm.json + vqgan.json)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    method = BSLDM.from_pretrained(a.model)
+    cxr, soft = pairs(list(chest_phantom.TEST_SEEDS)[:a.images])
+    cal_cxr, _ = pairs(list(chest_phantom.VAL_SEEDS)[:a.calibration_images])
+    start = time.perf_counter()
+    calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_cxr.split(1)], every=5)
+    calibration_seconds = time.perf_counter() - start
+    rows = {"baseline": [], **{f"DeepCache N={n}": [DeepCache(interval=n)] for n in (2, 3, 5)},
+            "W8A8 (fake quant)": [PostTrainingQuantization(calibration, 8, 8)],
+            "W4A8 (fake quant)": [PostTrainingQuantization(calibration, 4, 8)],
+            "pruning 30 %": [MagnitudePruning(0.3)],
+            "DeepCache N=3 + W8A8": [DeepCache(interval=3), PostTrainingQuantization(calibration, 8, 8)]}
+    results = {}
+    for name, transforms in rows.items():
+        results[name] = run(method, cxr, transforms)
+    base, base_s = results["baseline"]
+    print(f"BS-LDM {a.model}: {method.default_method.upper()} {method.default_steps} steps, 256x256, "
+          f"{a.images} test phantoms, threads={a.threads}; calibration {len(calibration.inputs)} inputs over "
+          f"{len(calibration.timesteps)} timesteps ({calibration_seconds:.0f} s)\n")
+    print("| configuration | s / image | speed-up | PSNR vs baseline (dB) | SSIM vs baseline | PSNR vs truth (dB) | SSIM vs truth |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (out, seconds) in results.items():
+        vs_base = "exact" if torch.equal(out, base) else f"{psnr(out, base).mean():.2f}"
+        print(f"| {name} | {seconds:.2f} | {base_s / seconds:.2f}x | {vs_base} | {ssim(out, base).mean():.4f} | "
+              f"{psnr(out, soft).mean():.2f} | {ssim(out, soft).mean():.4f} |")
+
+
+if __name__ == "__main__":
+    main()
