@@ -17,6 +17,7 @@ from medidiff.acceleration import (
     record_model_inputs,
     transforms_from_spec,
 )
+from medidiff.acceleration.deepcache import quadratic_refresh_steps
 from medidiff.acceleration.quantization import shortcut_splits
 from medidiff.diffusion.gaussian import cosine_alphas_cumprod, gaussian_process
 from medidiff.diffusion.sampling import sample
@@ -112,6 +113,34 @@ def test_deepcache_deeper_branch_recomputes_more(model_fn):
     assert counts["down0"] == STEPS
     with pytest.raises(TransformError, match="branch is 99"):
         DeepCache(interval=2, branch=99).apply(model_fn)
+
+
+def test_deepcache_nonuniform_refreshes_on_its_schedule(model_fn, baseline):
+    assert quadratic_refresh_steps(50, 17, 15)[:1] == [0] and len(quadratic_refresh_steps(50, 17, 15)) == 17
+    steps = quadratic_refresh_steps(50, 10, 15)
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert min(gaps) < 50 / 10 < max(gaps)  # crowded around the center, sparse far from it
+    cache, counts = DeepCache(interval=3, center=4, steps=STEPS), {}
+    handle = count_calls(model_fn.net.mid_block.resnets[0].conv1, counts, "mid")
+    try:
+        with applied(model_fn, cache):
+            out = run(model_fn)
+    finally:
+        handle.remove()
+    assert counts["mid"] == len(cache.refresh_steps) == 4 and 0 in cache.refresh_steps
+    assert 0 < rel_err(out, baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
+    with pytest.raises(TransformError, match="needs the sampler's steps"):
+        DeepCache(interval=3, center=4)
+
+
+def test_deepcache_refreshes_on_a_new_input_shape_without_reset(model_fn):
+    small = torch.randn(1, 2, 8, 8), torch.tensor([500]), torch.randn(1, 2, 8, 8)
+    expected = model_fn(*small)
+    x, cond = inputs(0)
+    with applied(model_fn, DeepCache(interval=3)):
+        model_fn(x, torch.tensor([900]), cond)
+        model_fn(x, torch.tensor([800]), cond)
+        assert torch.equal(model_fn(*small), expected)
 
 
 def test_deepcache_cache_is_reset_between_inputs(model_fn):

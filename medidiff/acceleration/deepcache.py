@@ -1,7 +1,8 @@
 """DeepCache (Ma et al., 2023): reuse the deep UNet features, recompute only a shallow branch.
 
 On a refresh step (every ``interval``-th model call since :meth:`ModelFunction.reset_hooks`, the
-first included) the UNet runs whole and every layer's output is kept. On the other steps the shallow
+first included, or the steps of the paper's non-uniform schedule; a call with a new input shape
+always refreshes) the UNet runs whole and every layer's output is kept. On the other steps the shallow
 branch ``branch`` runs: ``conv_in``, the first ``branch`` down layers (a layer = resnet (+ its
 attention) or a down-sampler) and the up resnets that consume their skip features; every other
 layer (deeper down layers, the mid block, the earlier up layers) returns its cached output, so the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import HookRegistry
 from torch import nn
@@ -25,15 +27,34 @@ from medidiff.acceleration.transform import Transform, TransformError
 from medidiff.methods.base import ModelFunction
 
 
+def quadratic_refresh_steps(steps: int, refreshes: int, center: int, power: float = 1.4) -> list[int]:
+    """DeepCache's non-uniform schedule: ``refreshes`` step indices out of ``steps`` (0 always one),
+    spaced by ``c + sign(u) |u| ** power`` for ``u`` evenly spaced, so they crowd around step
+    ``center``; ``power`` drops by 0.02 until the indices are distinct, as in the reference."""
+    while power > 1:
+        u = torch.linspace(-(center ** (1 / power)), (steps - center) ** (1 / power), refreshes + 1)
+        picked = sorted({int(center + v) for v in (u.sign() * u.abs() ** power).tolist()} - {steps})
+        indices = sorted({0, *picked[1:]})
+        if len(indices) == refreshes:
+            return indices
+        power -= 0.02
+    raise TransformError(f"DeepCache: no quadratic schedule of {refreshes} refreshes in {steps} steps "
+                         f"around step {center}; use fewer refreshes (a larger interval) or move the center")
+
+
 @dataclass
 class _Schedule:
-    """Model calls since the last reset and the refresh interval, shared by all hooks of one application."""
+    """Model calls since the last reset and when to refresh, shared by all hooks of one application."""
 
     interval: int
+    refresh_steps: frozenset[int] | None = None  # non-uniform: these steps; uniform: every interval-th
     step: int = 0
+    shape: tuple | None = None
 
     @property
     def refresh(self) -> bool:
+        if self.refresh_steps is not None:
+            return self.step in self.refresh_steps
         return self.step % self.interval == 0
 
 
@@ -46,12 +67,18 @@ class _StepCounter(ModelHook):
         super().__init__()
         self.schedule = schedule
 
+    def pre_forward(self, module, *args, **kwargs):
+        shape = tuple(args[0].shape) if args and torch.is_tensor(args[0]) else None
+        if shape != self.schedule.shape:  # a new input without reset_hooks: start over, never reuse
+            self.schedule.step, self.schedule.shape = 0, shape
+        return args, kwargs
+
     def post_forward(self, module, output):
         self.schedule.step += 1
         return output
 
     def reset_state(self, module):
-        self.schedule.step = 0
+        self.schedule.step, self.schedule.shape = 0, None
         return module
 
 
@@ -104,17 +131,28 @@ def deep_layers(unet: nn.Module, branch: int) -> list[nn.Module]:
 
 
 class DeepCache(Transform):
-    """Uniform DeepCache: full UNet every ``interval`` calls, the shallow branch ``branch`` in between."""
+    """DeepCache: the whole UNet every ``interval`` calls, the shallow branch ``branch`` in between.
+
+    With ``center`` (and ``steps``, the sampler's step count) the ``ceil(steps / interval)`` refresh
+    steps follow the paper's non-uniform schedule instead (:func:`quadratic_refresh_steps`).
+    """
 
     name = "deepcache"
 
-    def __init__(self, interval: int = 3, branch: int = 0):
+    def __init__(self, interval: int = 3, branch: int = 0, center: int | None = None, steps: int | None = None,
+                 power: float = 1.4):
         if int(interval) != interval or interval < 1:
             raise TransformError(f"DeepCache interval is {interval!r}; expected a whole number >= 1")
         self.interval, self.branch = int(interval), int(branch)
+        self.refresh_steps = None
+        if center is not None:
+            if steps is None or not 0 < center < steps:
+                raise TransformError(f"DeepCache center is {center!r} with steps {steps!r}; a non-uniform "
+                                     "schedule needs the sampler's steps and 0 < center < steps")
+            self.refresh_steps = frozenset(quadratic_refresh_steps(steps, -(-steps // self.interval), center, power))
 
     def attach(self, model_fn: ModelFunction) -> None:
-        schedule = _Schedule(self.interval)
+        schedule = _Schedule(self.interval, self.refresh_steps)
         for module in deep_layers(find_unet(model_fn), self.branch):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_CachedLayer(schedule), self.name)
         model_fn.register_hook(_StepCounter(schedule), self.name)
