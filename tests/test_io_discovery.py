@@ -172,3 +172,10 @@ def test_medidiff_outputs_and_evaluation_references_are_found_with_a_skip_reason
                         derivation_description="d")
     (output,) = [s for s in discover(tmp_path / "eval").series if s.files[0].parent.name == "out"]
     assert "medidiff's own output" in output.skip_reason
+    derived = pydicom.dcmread(output.files[0])  # an output of a version before the equipment item
+    del derived.ContributingEquipmentSequence
+    for description, recognised in (("medidiff pipeline normalize-preview: resize", True), ("dual energy", False)):
+        derived.DerivationDescription = description
+        derived.save_as(output.files[0])
+        (output,) = [s for s in discover(tmp_path / "eval").series if s.files[0].parent.name == "out"]
+        assert bool(output.skip_reason) is recognised
