@@ -18,6 +18,7 @@ from medidiff.acceleration import (
     transforms_from_spec,
 )
 from medidiff.acceleration.deepcache import quadratic_refresh_steps
+from medidiff.acceleration.layers import weight_layers
 from medidiff.acceleration.quantization import shortcut_splits
 from medidiff.diffusion.gaussian import cosine_alphas_cumprod, gaussian_process
 from medidiff.diffusion.sampling import sample
@@ -169,6 +170,32 @@ def test_quantization_error_orders_with_bits(model_fn, baseline, calibration):
     assert errs[16] < errs[8] < errs[4]
 
 
+def test_quantization_saves_and_reloads_to_identical_outputs(model_fn, calibration, tmp_path):
+    weight_bytes = sum(4 * m.weight.numel() for m in weight_layers(model_fn).values())
+    sizes = {}
+    for bits in (8, 4):
+        quant = PostTrainingQuantization(calibration, weight_bits=bits, act_bits=8)
+        with applied(model_fn, quant):
+            expected = run(model_fn)
+        path = quant.save(tmp_path / f"w{bits}.safetensors")
+        sizes[bits] = path.stat().st_size
+        (loaded,) = transforms_from_spec({"quantization": {"file": str(path)}})
+        with applied(model_fn, loaded):
+            assert torch.equal(run(model_fn), expected)
+        with applied(model_fn, quant):  # a second application reuses the first one's quantization
+            assert torch.equal(run(model_fn), expected)
+    assert sizes[4] < 0.7 * sizes[8] and sizes[8] < weight_bytes / 3
+    torch.manual_seed(1)
+    other = ConcatConditionUNet(build_noise_unet({"latent_channels": 2, "channels": [16, 32, 32], "layers_per_block": 1,
+                                                  "norm_groups": 8, "attention_head_dim": 8}))
+    with pytest.raises(TransformError, match="w8.safetensors was made for other weights"):
+        PostTrainingQuantization.load(tmp_path / "w8.safetensors").apply(other)
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in other.modules())
+    (tmp_path / "bad.safetensors").write_text("not a tensor file")
+    with pytest.raises(TransformError, match="bad.safetensors: not a medidiff quantization file"):
+        PostTrainingQuantization.load(tmp_path / "bad.safetensors")
+
+
 def test_split_shortcut_matches_the_up_block_concatenation(model_fn):
     unet, seen = model_fn.net, {}
     handles = [block.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1]))
@@ -227,7 +254,7 @@ def test_spec_builds_transforms_and_names_mistakes():
     assert [type(t) for t in built] == [DeepCache, MagnitudePruning] and built[0].interval == 3
     assert transforms_from_spec(None) == []
     for spec, message in (({"fastercache": {}}, "unknown transform 'fastercache'"),
-                          ({"quantization": {"weight_bits": 8}}, "needs calibration data"),
+                          ({"quantization": {"weight_bits": 8}}, "takes {file: <path>}"),
                           ({"deepcache": {"intervall": 3}}, "deepcache: got an unexpected keyword"),
                           ({"deepcache": {"interval": 0}}, "interval is 0"),
                           ([3], "expected a mapping")):

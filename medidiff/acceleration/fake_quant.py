@@ -15,12 +15,26 @@ SAMPLES_PER_CALL = 1024  # other activation values sampled per calibration call 
 TAIL = 64  # largest and smallest activation values kept exactly per calibration call
 
 
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_codes(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes 0..2**bits - 1 (as floats) of ``x`` on [lo, hi] (broadcast)."""
+    scale, zero = _scale_zero(lo, hi, bits)
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float values of ``codes`` made by :func:`quantize_codes` with the same range and bits."""
+    scale, zero = _scale_zero(lo, hi, bits)
+    return (codes - zero) * scale
+
+
 def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """``x`` rounded to ``2**bits`` uniform levels on [lo, hi] (broadcast), returned as float."""
-    levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp_min(1e-8)
-    zero = torch.round(-lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, levels) - zero) * scale
+    return dequantize(quantize_codes(x, lo, hi, bits), lo, hi, bits)
 
 
 def search_range(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
@@ -42,14 +56,34 @@ def search_range(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi:
     return best_lo, best_hi
 
 
-def quantize_weight(w: torch.Tensor, bits: int, split: int = 0) -> torch.Tensor:
-    """Per-output-channel fake-quantized copy of ``w``; with ``split`` the input channels before and
-    after it get separate ranges (split shortcut quantization)."""
-    if split:
-        return torch.cat([quantize_weight(w[:, :split], bits), quantize_weight(w[:, split:], bits)], 1)
-    rows = w.reshape(w.shape[0], -1)
-    lo, hi = search_range(rows, bits)
-    return fake_quantize(rows, lo, hi, bits).reshape(w.shape)
+def channel_parts(w: torch.Tensor, split: int) -> list[torch.Tensor]:
+    """``w``'s input channels before and after ``split`` (split shortcut), or ``[w]``."""
+    return [w[:, :split], w[:, split:]] if split else [w]
+
+
+def weight_ranges(w: torch.Tensor, bits: int, split: int = 0) -> torch.Tensor:
+    """Per-output-channel ranges (parts, 2, out_channels) of ``w``; with ``split`` the input channels
+    before and after it get separate ranges."""
+    ranges = [search_range(part.reshape(part.shape[0], -1), bits) for part in channel_parts(w, split)]
+    return torch.stack([torch.stack([lo[:, 0], hi[:, 0]]) for lo, hi in ranges])
+
+
+def _per_channel(r: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (-1,) + (1,) * (ndim - 1)
+    return r[0].reshape(shape), r[1].reshape(shape)
+
+
+def weight_codes(w: torch.Tensor, ranges: torch.Tensor, bits: int, split: int = 0) -> torch.Tensor:
+    """Integer codes (uint8; int32 above 8 bits) of ``w`` for :func:`weight_ranges`."""
+    codes = torch.cat([quantize_codes(part, *_per_channel(r, w.ndim), bits)
+                       for part, r in zip(channel_parts(w, split), ranges, strict=True)], 1)
+    return codes.to(torch.uint8 if bits <= 8 else torch.int32)
+
+
+def weight_from_codes(codes: torch.Tensor, ranges: torch.Tensor, bits: int, split: int = 0) -> torch.Tensor:
+    """The fake-quantized float weight of ``codes``."""
+    return torch.cat([dequantize(part.float(), *_per_channel(r, codes.ndim), bits)
+                      for part, r in zip(channel_parts(codes, split), ranges, strict=True)], 1)
 
 
 class ActivationObserver:

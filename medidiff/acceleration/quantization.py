@@ -14,17 +14,32 @@ reconstruction is not done).
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from medidiff.acceleration.calibration import CalibrationSet
-from medidiff.acceleration.fake_quant import ActivationObserver, fake_quantize, quantize_weight
+from medidiff.acceleration.fake_quant import (
+    ActivationObserver,
+    channel_parts,
+    fake_quantize,
+    weight_codes,
+    weight_from_codes,
+    weight_ranges,
+)
 from medidiff.acceleration.layers import WeightOverride, override_weight, weight_layers
 from medidiff.acceleration.transform import Transform, TransformError
+from medidiff.io.atomic import atomic_write
 from medidiff.methods.base import ModelFunction
 
+METADATA_KEY = "medidiff_quantization"
 FLOAT_INPUT = "conv_in"  # the UNet's first layer reads the sampler's state x_t (+ condition): kept float
 
 
@@ -49,57 +64,145 @@ def shortcut_splits(model: nn.Module) -> dict[nn.Module, int]:
     return splits
 
 
-def _parts(x: torch.Tensor, split: int) -> list[torch.Tensor]:
-    return [x[:, :split], x[:, split:]] if split else [x]
+def _quantize_input(ranges: torch.Tensor, split: int, bits: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fake_quantize(part, lo, hi, bits) for part, (lo, hi) in zip(channel_parts(x, split), ranges,
+                                                                                  strict=True)], 1)
 
 
 def _observe(observers: list[ActivationObserver], split: int, x: torch.Tensor) -> torch.Tensor:
-    for observer, part in zip(observers, _parts(x, split), strict=True):
+    for observer, part in zip(observers, channel_parts(x, split), strict=True):
         observer.observe(part)
     return x
 
 
-def _quantize_input(ranges: list[tuple[torch.Tensor, torch.Tensor]], split: int, bits: int,
-                    x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([fake_quantize(part, lo, hi, bits) for part, (lo, hi) in zip(_parts(x, split), ranges, strict=True)], 1)
+def checksum(w: torch.Tensor) -> float:
+    """A fingerprint of a float weight (quantization made for other weights is refused)."""
+    return float(w.detach().double().abs().sum())
+
+
+@dataclass
+class QuantizedLayer:
+    """One layer's quantization: weight codes and per-channel ranges, activation ranges, split."""
+
+    codes: torch.Tensor  # uint8 (int32 above 8 bits), the weight's shape
+    weight_ranges: torch.Tensor  # (parts, 2, out_channels)
+    act_ranges: torch.Tensor | None  # (parts, 2) or None: float input
+    split: int
+    checksum: float
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes as stored: two 4-bit codes per byte when ``bits <= 4``."""
+    flat = codes.flatten()
+    if bits > 4:
+        return flat
+    flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor, bits: int, shape: list[int]) -> torch.Tensor:
+    n = math.prod(shape)
+    if bits > 4:
+        return packed[:n].reshape(shape)
+    return torch.stack([packed & 15, packed >> 4], 1).flatten()[:n].reshape(shape)
 
 
 class PostTrainingQuantization(Transform):
-    """W``weight_bits``A``act_bits`` fake quantization calibrated on ``calibration``."""
+    """W``weight_bits``A``act_bits`` fake quantization calibrated on ``calibration``.
+
+    The first application quantizes and calibrates; the result (:attr:`layers`) is reused when the
+    transform is applied again and written by :meth:`save` (uint8 codes, two per byte at 4 bits or fewer,
+    safetensors), so :meth:`load` applies it without calibration data. Either way it is refused on a
+    model whose weights differ from those it was made for.
+    """
 
     name = "quantization"
 
-    def __init__(self, calibration: CalibrationSet, weight_bits: int = 8, act_bits: int | None = 8,
+    def __init__(self, calibration: CalibrationSet | None = None, weight_bits: int = 8, act_bits: int | None = 8,
                  split_shortcut: bool = True):
         for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if bits is not None and not 2 <= bits <= 16:
                 raise TransformError(f"quantization {key} is {bits}; expected 2..16")
-        if act_bits is not None and not calibration.inputs:
-            raise TransformError("quantization has no calibration inputs; record them with record_model_inputs")
         self.calibration, self.weight_bits, self.act_bits = calibration, weight_bits, act_bits
         self.split_shortcut = split_shortcut
+        self.layers: dict[str, QuantizedLayer] = {}
+        self.source = "its first model"
+
+    def attach(self, model_fn: ModelFunction) -> None:
+        if not self.layers:
+            self.layers = self._quantize(model_fn)
+        found = weight_layers(model_fn)
+        if set(found) != set(self.layers) or any(
+                abs(checksum(found[n].weight) - q.checksum) > 1e-6 * max(1.0, q.checksum) for n, q in self.layers.items()):
+            raise TransformError(f"quantization from {self.source} was made for other weights than this model's; "
+                                 "quantize this model anew")
+        for name, q in self.layers.items():
+            act = None if q.act_ranges is None else partial(_quantize_input, q.act_ranges, q.split, self.act_bits)
+            override_weight(found[name], WeightOverride(weight_from_codes(q.codes, q.weight_ranges, self.weight_bits,
+                                                                          q.split), act), self.name)
 
     @torch.no_grad()
-    def attach(self, model_fn: ModelFunction) -> None:
+    def _quantize(self, model_fn: ModelFunction) -> dict[str, QuantizedLayer]:
+        """Quantize the weights, then calibrate activation ranges on the weight-quantized model."""
+        if self.act_bits is not None and (self.calibration is None or not self.calibration.inputs):
+            raise TransformError("quantization has no calibration inputs; record them with record_model_inputs")
         splits = shortcut_splits(model_fn) if self.split_shortcut else {}
-        observed = []
+        layers, observed = {}, {}
         for name, layer in weight_layers(model_fn).items():
-            split = splits.get(layer, 0)
-            hook = WeightOverride(quantize_weight(layer.weight.detach(), self.weight_bits, split))
-            override_weight(layer, hook, self.name)
+            split, w = splits.get(layer, 0), layer.weight.detach()
+            ranges = weight_ranges(w, self.weight_bits, split)
+            codes = weight_codes(w, ranges, self.weight_bits, split)
+            layers[name] = QuantizedLayer(codes, ranges, None, split, checksum(w))
+            hook = WeightOverride(weight_from_codes(codes, ranges, self.weight_bits, split))
             if self.act_bits is not None and not name.endswith(FLOAT_INPUT):
-                observers = [ActivationObserver(seed) for seed in range(2 if split else 1)]
-                hook.input_fn = partial(_observe, observers, split)
-                observed.append((hook, observers, split))
-        if not observed:
-            return
-        # the class's forward skips hooks on the model function itself (e.g. DeepCache's step counter):
-        # after the reset every layer computes, as in a refresh step
-        model_fn.reset_hooks()
-        for x, t, condition in self.calibration.inputs:
-            type(model_fn).forward(model_fn, x, t, condition)
-        model_fn.reset_hooks()
-        for hook, observers, split in observed:
-            reached = all(o.lo is not None for o in observers)
-            hook.input_fn = (partial(_quantize_input, [o.range(self.act_bits) for o in observers], split, self.act_bits)
-                             if reached else None)
+                observed[name] = [ActivationObserver(seed) for seed in range(2 if split else 1)]
+                hook.input_fn = partial(_observe, observed[name], split)
+            override_weight(layer, hook, self.name)
+        if observed:
+            # the class's forward skips hooks on the model function itself (e.g. DeepCache's step counter):
+            # after the reset every layer computes, as in a refresh step
+            model_fn.reset_hooks()
+            for x, t, condition in self.calibration.inputs:
+                type(model_fn).forward(model_fn, x, t, condition)
+            model_fn.reset_hooks()
+        model_fn.remove_hook(self.name)
+        for name, observers in observed.items():
+            if all(o.lo is not None for o in observers):  # layers the model never ran keep a float input
+                layers[name].act_ranges = torch.stack([torch.stack(o.range(self.act_bits)) for o in observers])
+        return layers
+
+    def save(self, path: str | Path) -> Path:
+        """Write the quantization (after an application) as safetensors; returns the path."""
+        if not self.layers:
+            raise TransformError("quantization: nothing to save yet; apply it to the model first")
+        tensors, layers = {}, {}
+        for name, q in self.layers.items():
+            tensors[f"{name}.codes"] = _pack(q.codes, self.weight_bits).contiguous()
+            tensors[f"{name}.weight_ranges"] = q.weight_ranges.contiguous()
+            if q.act_ranges is not None:
+                tensors[f"{name}.act_ranges"] = q.act_ranges.contiguous()
+            layers[name] = {"shape": list(q.codes.shape), "split": q.split, "checksum": q.checksum}
+        meta = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "layers": layers}
+        path = Path(path)
+        with atomic_write(path) as tmp:
+            save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PostTrainingQuantization:
+        """A quantization written by :meth:`save`, ready to apply without calibration."""
+        path = Path(path)
+        try:
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {})[METADATA_KEY])
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
+            raise TransformError(f"{path}: not a medidiff quantization file ({e}); write one with "
+                                 "PostTrainingQuantization.save") from None
+        transform = cls(None, meta["weight_bits"], meta["act_bits"])
+        transform.source = str(path)
+        for name, info in meta["layers"].items():
+            transform.layers[name] = QuantizedLayer(
+                _unpack(tensors[f"{name}.codes"], meta["weight_bits"], info["shape"]),
+                tensors[f"{name}.weight_ranges"], tensors.get(f"{name}.act_ranges"), info["split"], info["checksum"])
+        return transform

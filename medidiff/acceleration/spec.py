@@ -1,4 +1,5 @@
-"""Transforms from a pipeline stage's ``accelerate:`` mapping, e.g. ``{deepcache: {interval: 3}}``."""
+"""Transforms from a pipeline stage's ``accelerate:`` mapping, e.g. ``{deepcache: {interval: 3}}``;
+quantization comes from a file written by :meth:`PostTrainingQuantization.save`: ``{quantization: {file: q.safetensors}}``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import inspect
 
 from medidiff.acceleration.deepcache import DeepCache
 from medidiff.acceleration.pruning import MagnitudePruning
+from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.transform import Transform, TransformError
 
 BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning}
@@ -20,10 +22,13 @@ def transforms_from_spec(spec: dict | None) -> list[Transform]:
     transforms = []
     for name, options in spec.items():
         if name == "quantization":
-            raise TransformError("quantization needs calibration data recorded from the model; apply "
-                                 "medidiff.acceleration.PostTrainingQuantization in Python (docs/acceleration.md)")
+            if not isinstance(options, dict) or set(options) != {"file"}:
+                raise TransformError("quantization takes {file: <path>}: a quantization made from calibration data "
+                                     "and written by PostTrainingQuantization.save (docs/acceleration.md)")
+            transforms.append(PostTrainingQuantization.load(options["file"]))
+            continue
         if name not in BUILDERS:
-            raise TransformError(f"unknown transform {name!r}; expected one of {', '.join(BUILDERS)}")
+            raise TransformError(f"unknown transform {name!r}; expected one of {', '.join(BUILDERS)}, quantization")
         options = options or {}
         if not isinstance(options, dict):
             raise TransformError(f"{name} options are {options!r}; expected a mapping")
