@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--export", default=None, help="also copy the trained weights and card into this model "
                        "folder, e.g. models/bone_suppression")
     train.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+    train.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:1")
     train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                        "or ./mlflow.db)")
     train.add_argument("--no-tracking", action="store_true", help="do not log the training to MLflow")
@@ -185,7 +186,7 @@ def _train(args) -> int:
     from medidiff.train import train
 
     options = {"resume": not args.fresh, "max_minutes": args.max_minutes, "out_dir": args.run_dir,
-               "export_to": args.export}
+               "export_to": args.export, "device": args.device}
     if args.no_tracking:
         train(args.config, **options)
         return 0

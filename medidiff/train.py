@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from medidiff.errors import InputError
 from medidiff.io.atomic import atomic_write
-from medidiff.methods.base import write_component
+from medidiff.methods.base import read_component, write_component
 from medidiff.methods.model_card import write_model_card
 
 RUNS_DIR = Path.home() / ".cache" / "medidiff" / "runs"
@@ -43,15 +43,15 @@ BUDGET_KEYS = ("max_steps", "max_minutes", "ckpt_minutes", "log_every")
 class TrainingTask(ABC):
     """What a method gives the trainer. ``__init__(cfg, rng)`` builds :attr:`net` (the network whose
     EMA weights are exported), :attr:`modules` (everything trained, checkpointed) and
-    :attr:`optims`; :meth:`step` does one optimisation step with ``self.rng`` for data choices
-    and torch's global generator for noise."""
+    :attr:`optims`, all on ``device``; :meth:`step` does one optimisation step with ``self.rng``
+    for data choices and torch's global generator (the device's) for noise."""
 
     net: torch.nn.Module
     modules: dict[str, torch.nn.Module]
     optims: dict[str, torch.optim.Optimizer]
 
-    def __init__(self, cfg: dict, rng: np.random.Generator):
-        self.cfg, self.tcfg, self.rng = cfg, cfg["train"], rng
+    def __init__(self, cfg: dict, rng: np.random.Generator, device: torch.device):
+        self.cfg, self.tcfg, self.rng, self.device = cfg, cfg["train"], rng, device
 
     @abstractmethod
     def step(self, step: int) -> dict[str, float]:
@@ -121,8 +121,10 @@ def _same_run(saved: dict, cfg: dict) -> bool:
 
 
 def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume: bool = True,
-          max_minutes: float | None = None, log: LogFn | None = None, export_to: str | Path | None = None) -> Path:
-    """Train the model described by ``config_path``; returns the exported weights in the run folder.
+          max_minutes: float | None = None, log: LogFn | None = None, export_to: str | Path | None = None,
+          device: str = "cpu") -> Path:
+    """Train the model described by ``config_path`` on ``device``; returns the exported weights in
+    the run folder.
 
     Stops at ``train.max_steps`` or after ``max_minutes`` of training (argument, else the config's
     ``train.max_minutes``), counted over resumed runs too. Checkpoints every ``train.ckpt_minutes``
@@ -137,11 +139,19 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
     run_dir = Path(out_dir) if out_dir else RUNS_DIR / cfg["name"]
     seed = int(cfg.get("seed", 0))
     torch.manual_seed(seed)
-    task = task_class(cfg["kind"], config_path)(cfg, np.random.default_rng(seed))
-    ema = EMAModel(task.net.parameters(), decay=t.get("ema", 0.999))
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA GPU is visible here; train with --device cpu")
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products
+    task = task_class(cfg["kind"], config_path)(cfg, np.random.default_rng(seed), device)
     ckpt = run_dir / "checkpoint.pt"
+    resuming = resume and ckpt.exists()
+    if "init" in cfg and not resuming:
+        _start_from(task.net, Path(cfg["init"]).expanduser(), config_path)
+    ema = EMAModel(task.net.parameters(), decay=t.get("ema", 0.999))
     step, elapsed, history = 0, 0.0, []
-    if resume and ckpt.exists():
+    if resuming:
         state = torch.load(ckpt, weights_only=False)
         if not _same_run(state["config"], cfg):
             raise InputError(f"{config_path}: differs from the run in {run_dir} beyond its budget "
@@ -154,6 +164,8 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
         task.load_extra_state(state["extra"])
         task.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
     budget = 60 * (max_minutes if max_minutes is not None else t.get("max_minutes", math.inf))
     max_steps = t.get("max_steps", 10**9)
@@ -162,6 +174,7 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
         state = {"modules": {k: m.state_dict() for k, m in task.modules.items()},
                  "optims": {k: o.state_dict() for k, o in task.optims.items()}, "ema": ema.state_dict(),
                  "extra": task.extra_state(), "rng": task.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "step": step, "elapsed": elapsed, "history": history, "config": cfg}
         with atomic_write(ckpt) as tmp:
             torch.save(state, tmp)
@@ -186,16 +199,27 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
     save()
     weights = _export(cfg, task, ema, run_dir, {
         "title": cfg.get("title", cfg["name"]), "config": str(config_path), "steps": step,
-        "minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads(), "data": cfg.get("data", {}),
+        "minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "data": cfg.get("data", {}),
         "train": t, "final_metrics": history[-1] if history else {}})
     if export_to:
         export(weights, export_to)
     return weights
 
 
+def _start_from(net: torch.nn.Module, weights: Path, config_path: Path) -> None:
+    """Load the exported weights ``<weights>.safetensors`` (a config's ``init:``) into ``net``."""
+    try:
+        _, state = read_component(weights.parent, weights.name)
+        net.load_state_dict(state)
+    except (OSError, KeyError, RuntimeError) as e:
+        raise InputError(f"{config_path}: init: {weights} cannot start this model ({str(e).splitlines()[0]}); "
+                         "train the config that exports it first (see configs/bone_suppression/train_all.sh)") from None
+
+
 def _export(cfg: dict, task: TrainingTask, ema: EMAModel, folder: Path, record: dict) -> Path:
     """EMA weights + JSON config (with the training ``record``) + needed files + model card into ``folder``."""
-    net = copy.deepcopy(task.net)
+    net = copy.deepcopy(task.net).cpu()
     ema.copy_to(net.parameters())
     weights = write_component(folder, cfg["export"]["name"], net, {**task.export_config(), "training": record})
     for path in task.export_files():
@@ -225,9 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--out-dir", help="run folder (default ~/.cache/medidiff/runs/NAME)")
     p.add_argument("--export", help="also copy the trained weights into this model folder, e.g. models/bone_suppression")
+    p.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:1")
     a = p.parse_args(argv)
-    print(train(a.config, out_dir=a.out_dir, resume=not a.fresh, max_minutes=a.max_minutes, export_to=a.export))
+    print(train(a.config, out_dir=a.out_dir, resume=not a.fresh, max_minutes=a.max_minutes, export_to=a.export,
+                device=a.device))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as medidiff.train, not __main__: tasks register in medidiff.train.TASKS
+    from medidiff.train import main as package_main
+
+    package_main()

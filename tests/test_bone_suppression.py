@@ -8,6 +8,7 @@ import sys
 import textwrap
 import types
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 
 from medidiff.errors import InputError, StageError
 from medidiff.methods.bone_suppression import BSLDM
+from medidiff.methods.bone_suppression_training import training_pairs
+from medidiff.methods.regression_baseline import RegressionBaseline
 from medidiff.metrics import bsr, mse, nmse, psnr, ssim
 from medidiff.stages.bone_suppression import BoneSuppression
 from medidiff.train import train
@@ -120,6 +123,54 @@ def test_default_run_folder_is_outside_the_source_tree(tiny_models, tmp_path, mo
                   max_steps=1, crop=32)
     weights = train(cfg)
     assert weights == tmp_path / "runs" / "tiny_regression" / "regression.safetensors" and weights.exists()
+
+
+def test_a_config_can_start_from_exported_weights(tiny_models, tmp_path):
+    tmp = tiny_models[0].parent
+    path = _config(tmp, "regression", {"channels": [4, 8], "strides": [2]}, name="init", max_steps=0, crop=32)
+    cfg = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**cfg, "init": str(tiny_models[0] / "regression")}))
+    exported = load_file(train(path, out_dir=tmp_path / "run"))
+    shipped = load_file(tiny_models[0] / "regression.safetensors")
+    assert exported.keys() == shipped.keys() and all(torch.equal(exported[k], shipped[k]) for k in shipped)
+    path.write_text(yaml.safe_dump({**cfg, "init": str(tmp_path / "absent")}))
+    with pytest.raises(InputError, match="init: .*absent cannot start this model"):
+        train(path, out_dir=tmp_path / "run2")
+
+
+GAIN_GENERATOR = textwrap.dedent('''
+    import numpy as np
+    TRAIN_SEEDS = range(0, 100)
+
+    def make_batch(seeds, size, gain=1.0):
+        soft = np.stack([np.full((size, size), s / 100, np.float32) for s in seeds])
+        return {"cxr": soft * gain, "soft": soft, "bone": soft * (gain - 1)}
+''')
+
+
+def test_training_pairs_mix_sources_with_their_options(tmp_path, monkeypatch):
+    (tmp_path / "gain_generator.py").write_text(GAIN_GENERATOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = {"size": 8, "cache_dir": str(tmp_path / "cache"), "workers": 2,
+            "sources": [{"generator": "gain_generator", "n_train": 3},
+                        {"generator": "gain_generator", "n_train": 2, "gain": 2.0}]}
+    cxr, soft = training_pairs(data)
+    assert cxr.shape == soft.shape == (5, 8, 8) and cxr.dtype == np.float16
+    np.testing.assert_array_equal(cxr[:3], soft[:3])  # first source: gain 1
+    np.testing.assert_allclose(cxr[3:], 2 * soft[3:])  # second source: its option reached make_batch
+    np.testing.assert_allclose(soft[:, 0, 0], [0, 0.01, 0.02, 0, 0.01], atol=1e-3)  # each from its TRAIN_SEEDS
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "gain_generator_8px_3_cxr.npy", "gain_generator_8px_3_soft.npy",
+        "gain_generator_gain-2.0_8px_2_cxr.npy", "gain_generator_gain-2.0_8px_2_soft.npy"]
+
+
+def test_regression_baseline_subtracts_its_bone_layer(tiny_models):
+    model = RegressionBaseline.from_pretrained(tiny_models[0])
+    assert model.config["predicts"] == "bone_layer"
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        bone = model.model_fn.net(x)
+    assert torch.allclose(model(x), x - bone)
 
 
 def test_unknown_kind_is_refused(tmp_path):

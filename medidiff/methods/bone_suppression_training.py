@@ -1,12 +1,15 @@
 """Training tasks of bone suppression: ``kind: vqgan``, ``kind: ldm`` (BS-LDM) and ``kind: regression``.
 
-All three train on chest-phantom pairs (CXR, soft tissue) made from the generator's TRAIN_SEEDS
-and cached as .npy (:func:`training_pairs`).
+All three train on pairs (CXR, soft tissue) from one or more generators (``data.sources``: the
+real-CT DRR generator, the chest phantom, ...), each made from its TRAIN_SEEDS and cached as .npy
+(:func:`training_pairs`); the pairs are then held on the training device.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,42 +29,69 @@ from medidiff.nets.vqgan import VQGAN, build_discriminator, multiscale_ssim_loss
 from medidiff.train import TrainingTask, register_task
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SOURCE_KEYS = ("generator", "n_train")  # other keys of a source are passed to its make_batch
 
 
-def training_pairs(data: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(cxr, soft) float16 arrays (N,size,size) from the phantom's training seeds, cached as .npy."""
-    gen = importlib.import_module(data.get("generator", "medidiff.datasets.chest_phantom"))
-    n, size = int(data["n_train"]), int(data["size"])
-    cache = Path(data.get("cache_dir", "/tmp/medidiff-cache")).expanduser()
-    stem = f"{gen.__name__.rsplit('.', 1)[-1]}_{size}px_{n}"
+def data_sources(data: dict) -> list[dict]:
+    """``data.sources``, or the single generator of older configs (``data.generator``/``n_train``)."""
+    if "sources" in data:
+        return list(data["sources"])
+    return [{"generator": data.get("generator", "medidiff.datasets.chest_phantom"), "n_train": data["n_train"]}]
+
+
+def generate_pairs(source: dict, size: int, cache: Path, workers: int, device: str) -> tuple[np.ndarray, ...]:
+    """(cxr, soft) float16 (N,size,size) of one source's first ``n_train`` TRAIN_SEEDS, cached as .npy.
+
+    Each of ``workers`` processes runs one thread. A generator whose ``make_batch`` takes ``device``
+    renders there (workers are then spawned, not forked); the cache name holds the source's
+    options, never the device.
+    """
+    gen = importlib.import_module(source["generator"])
+    n = int(source["n_train"])
+    options = {k: v for k, v in source.items() if k not in SOURCE_KEYS}
+    tag = "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
+    stem = f"{gen.__name__.rsplit('.', 1)[-1]}{tag}_{size}px_{n}"
     paths = {k: cache / f"{stem}_{k}.npy" for k in ("cxr", "soft")}
     if not all(p.exists() for p in paths.values()):
+        if "device" in inspect.signature(gen.make_batch).parameters:
+            options["device"] = device
         seeds = list(gen.TRAIN_SEEDS)[:n]
         out = {k: np.empty((n, size, size), np.float16) for k in paths}
-        chunk = 50
+        chunk = 25
         starts = range(0, n, chunk)
-        workers = max(1, min(int(data.get("workers", 2)), len(starts)))
-        with ProcessPoolExecutor(workers) as pool:
-            batches = pool.map(gen.make_batch, [seeds[i:i + chunk] for i in starts], [size] * len(starts))
-            for i, batch in zip(tqdm(starts, desc=f"generating {n} training pairs"), batches, strict=True):
+        context = multiprocessing.get_context("fork" if device == "cpu" else "spawn")
+        with ProcessPoolExecutor(max(1, min(workers, len(starts))), mp_context=context,
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            batches = [pool.submit(gen.make_batch, seeds[i:i + chunk], size, **options) for i in starts]
+            for i, batch in zip(tqdm(starts, desc=f"generating {n} {stem} pairs"), batches, strict=True):
                 for k in out:
-                    out[k][i:i + chunk] = batch[k]
+                    out[k][i:i + chunk] = batch.result()[k]
         for k, p in paths.items():
             with atomic_write(p) as tmp, open(tmp, "wb") as f:
                 np.save(f, out[k])
     return tuple(np.load(paths[k], mmap_mode="r") for k in ("cxr", "soft"))
 
 
-def random_crops(arrays: tuple[np.ndarray, ...], idx: np.ndarray, crop: int | None,
+def training_pairs(data: dict, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(cxr, soft) float16 arrays (N,size,size): every source of ``data`` in turn (see :func:`data_sources`)."""
+    cache = Path(data.get("cache_dir", "/tmp/medidiff-cache")).expanduser()
+    workers = int(data.get("workers", 2))
+    parts = [generate_pairs(s, int(data["size"]), cache, workers, device) for s in data_sources(data)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(2))
+
+
+def random_crops(arrays: tuple[torch.Tensor, ...], idx: torch.Tensor, crop: int | None,
                  rng: np.random.Generator) -> list[torch.Tensor]:
-    """Same random crop (and horizontal flip) of every array at ``idx``, as (B,1,c,c) float32."""
+    """Same random crop (and horizontal flip) of every (N,size,size) tensor at ``idx``, as (B,1,c,c) float32."""
     size = arrays[0].shape[-1]
     c = crop or size
-    y, x = rng.integers(0, size - c + 1, 2)
+    y, x = (int(v) for v in rng.integers(0, size - c + 1, 2))
     flip = rng.random() < 0.5
     out = []
     for a in arrays:
-        t = torch.from_numpy(np.asarray(a[np.sort(idx), y:y + c, x:x + c], np.float32))[:, None]
+        t = a[idx, y:y + c, x:x + c].float()[:, None]
         out.append(t.flip(-1) if flip else t)
     return out
 
@@ -73,31 +103,33 @@ def model_path(spec: str) -> Path:
     return path if path.is_absolute() or path.with_suffix(".json").exists() else REPO_ROOT / path
 
 
-class PhantomTask(TrainingTask):
-    """Tasks on phantom pairs: ``self.cxr``/``self.soft`` and a batch index sampler."""
+class PairTask(TrainingTask):
+    """Tasks on (CXR, soft tissue) pairs: ``self.cxr``/``self.soft`` (float16 on the device) and a batch sampler."""
 
-    def __init__(self, cfg: dict, rng: np.random.Generator):
-        super().__init__(cfg, rng)
-        self.cxr, self.soft = training_pairs(cfg["data"])
+    def __init__(self, cfg: dict, rng: np.random.Generator, device: torch.device):
+        super().__init__(cfg, rng, device)
+        self.cxr, self.soft = (torch.from_numpy(np.array(a)).to(device)
+                               for a in training_pairs(cfg["data"], str(device)))
 
-    def sample_idx(self) -> np.ndarray:
-        return self.rng.choice(len(self.cxr), self.tcfg["batch_size"], replace=False)
+    def sample_idx(self) -> torch.Tensor:
+        idx = np.sort(self.rng.choice(len(self.cxr), self.tcfg["batch_size"], replace=False))
+        return torch.from_numpy(idx).to(self.device)
 
 
 @register_task("vqgan")
-class VQGANTask(PhantomTask):
+class VQGANTask(PairTask):
     """VQ-GAN on random crops of CXR and soft-tissue images (both share one compressor)."""
 
-    def __init__(self, cfg: dict, rng: np.random.Generator):
-        super().__init__(cfg, rng)
+    def __init__(self, cfg: dict, rng: np.random.Generator, device: torch.device):
+        super().__init__(cfg, rng, device)
         m = cfg["model"]
-        self.net = VQGAN.from_config(m)
-        self.disc = build_discriminator(self.tcfg.get("disc_channels", 16))
+        self.net = VQGAN.from_config(m).to(device)
+        self.disc = build_discriminator(self.tcfg.get("disc_channels", 16)).to(device)
         self.adversarial = PatchAdversarialLoss(criterion="hinge")
         self.modules = {"net": self.net, "disc": self.disc}
         self.optims = {"net": torch.optim.Adam(self.net.parameters(), self.tcfg["lr"], betas=(0.5, 0.9)),
                        "disc": torch.optim.Adam(self.disc.parameters(), self.tcfg["lr"], betas=(0.5, 0.9))}
-        self.used = torch.zeros(m["num_codes"], dtype=torch.bool)
+        self.used = torch.zeros(m["num_codes"], dtype=torch.bool, device=device)
 
     def step(self, step: int) -> dict:
         t = self.tcfg
@@ -131,21 +163,21 @@ class VQGANTask(PhantomTask):
         return {"used": self.used.clone()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.used = state["used"]
+        self.used = state["used"].to(self.device)
 
 
 @register_task("ldm")
-class LDMTask(PhantomTask):
+class LDMTask(PairTask):
     """Conditional latent diffusion: eps-prediction UNet on concat[noisy soft latent, CXR latent]."""
 
-    def __init__(self, cfg: dict, rng: np.random.Generator):
-        super().__init__(cfg, rng)
+    def __init__(self, cfg: dict, rng: np.random.Generator, device: torch.device):
+        super().__init__(cfg, rng, device)
         self.vqgan_path = model_path(cfg["vqgan"])
-        self.vqgan = load_vqgan(self.vqgan_path)[0]
-        self.net = build_noise_unet(cfg["model"])
+        self.vqgan = load_vqgan(self.vqgan_path)[0].to(device)
+        self.net = build_noise_unet(cfg["model"]).to(device)
         self.modules = {"net": self.net}
         self.optims = {"net": torch.optim.AdamW(self.net.parameters(), self.tcfg["lr"], weight_decay=0.0)}
-        self.alphas = cosine_alphas_cumprod(cfg["diffusion"]["num_train_timesteps"]).float()
+        self.alphas = cosine_alphas_cumprod(cfg["diffusion"]["num_train_timesteps"]).float().to(device)
         self.zc, self.zs = self._latents()
         self.scale = float(1.0 / self.zc.std())
 
@@ -153,27 +185,28 @@ class LDMTask(PhantomTask):
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         cache = Path(self.cfg["data"].get("cache_dir", "/tmp/medidiff-cache")).expanduser()
         stamp = self.vqgan_path.with_suffix(".safetensors").stat().st_mtime_ns
-        path = cache / f"latents_{len(self.cxr)}_{stamp}.pt"
+        sources = "+".join(f"{s['generator'].rsplit('.', 1)[-1]}{s['n_train']}" for s in data_sources(self.cfg["data"]))
+        path = cache / f"latents_{sources}_{len(self.cxr)}_{stamp}.pt"
         if path.exists():
-            return torch.load(path)
+            return tuple(z.to(self.device) for z in torch.load(path))
         out, threads = [], torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or threads)  # one-off pass before the side-by-side training
         for arr in (self.cxr, self.soft):
-            zs = [self.vqgan.encode(torch.from_numpy(np.asarray(arr[i:i + 32], np.float32))[:, None])
-                  for i in tqdm(range(0, len(arr), 32), desc="encoding latents")]
+            zs = [self.vqgan.encode(arr[i:i + 32].float()[:, None]) for i in tqdm(range(0, len(arr), 32),
+                                                                                 desc="encoding latents")]
             out.append(torch.cat(zs))
         torch.set_num_threads(threads)
         with atomic_write(path) as tmp:
-            torch.save(tuple(out), tmp)
+            torch.save(tuple(z.cpu() for z in out), tmp)
         return tuple(out)
 
     def step(self, step: int) -> dict:
         d = self.cfg["diffusion"]
-        idx = torch.from_numpy(self.sample_idx())
+        idx = self.sample_idx()
         z0, cond = self.zs[idx] * self.scale, self.zc[idx] * self.scale
         if self.rng.random() < 0.5:  # augmentation: flipping both latents keeps the pair consistent
             z0, cond = z0.flip(-1), cond.flip(-1)
-        t = torch.randint(0, d["num_train_timesteps"], (len(idx),))
+        t = torch.randint(0, d["num_train_timesteps"], (len(idx),), device=self.device)
         noise = offset_noise(z0, d.get("offset_noise", 0.1))
         a = self.alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -194,21 +227,44 @@ class LDMTask(PhantomTask):
 
 
 @register_task("regression")
-class RegressionTask(PhantomTask):
-    """Plain UNet regression CXR -> soft tissue (L1 + multi-scale SSIM loss)."""
+class RegressionTask(PairTask):
+    """Plain UNet regression of the bone layer: soft tissue = CXR - net(CXR) (L1 + multi-scale SSIM loss)."""
 
-    def __init__(self, cfg: dict, rng: np.random.Generator):
-        super().__init__(cfg, rng)
-        self.net = build_regression_unet(cfg["model"])
+    def __init__(self, cfg: dict, rng: np.random.Generator, device: torch.device):
+        super().__init__(cfg, rng, device)
+        self.net = build_regression_unet(cfg["model"]).to(device)
         self.modules = {"net": self.net}
         self.optims = {"net": torch.optim.Adam(self.net.parameters(), self.tcfg["lr"])}
 
     def step(self, step: int) -> dict:
         cxr, soft = random_crops((self.cxr, self.soft), self.sample_idx(), self.tcfg.get("crop"), self.rng)
-        out = self.net(cxr)
+        out = cxr - self.net(cxr)
         l1, ssim = (out - soft).abs().mean(), multiscale_ssim_loss(out, soft)
         loss = l1 + self.tcfg.get("ssim_weight", 0.2) * ssim
         self.optims["net"].zero_grad()
         loss.backward()
         self.optims["net"].step()
         return {"loss": loss.item(), "l1": l1.item(), "ssim": ssim.item()}
+
+    def export_config(self) -> dict:
+        return {"model": self.cfg["model"], "predicts": "bone_layer"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m medidiff.methods.bone_suppression_training CONFIG... [--device D]``: generate (and
+    cache) the training pairs of every config, before several trainings start side by side."""
+    import argparse
+
+    from medidiff.train import load_config
+
+    p = argparse.ArgumentParser(prog="python -m medidiff.methods.bone_suppression_training", description=main.__doc__)
+    p.add_argument("configs", nargs="+", type=Path)
+    p.add_argument("--device", default="cpu", help="where DRR rays are marched: cpu (default) or cuda")
+    a = p.parse_args(argv)
+    for path in a.configs:
+        cxr, _ = training_pairs(load_config(path)["data"], a.device)
+        print(f"{path}: {len(cxr)} pairs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,8 @@
 """Plain UNet regression baseline for bone suppression: CXR in [0,1] -> soft tissue, one pass.
 
+Models trained with ``predicts: bone_layer`` in their JSON output the bone layer, subtracted from
+the input; older ones output the soft-tissue image itself.
+
 On the method contract with no process: the model function is ``net(x)`` (``t`` and
 ``condition`` unused), called once.
 """
@@ -48,6 +51,7 @@ class RegressionBaseline(Method):
     def __call__(self, cxr: torch.Tensor, **_: object) -> torch.Tensor:
         """Soft-tissue estimate (N,1,H,W) for ``cxr`` (N,1,H,W) in [0,1]; sampling options are ignored."""
         self.model_fn.reset_hooks()
-        return self.model_fn(cxr, torch.zeros(len(cxr), dtype=torch.long), None)
+        out = self.model_fn(cxr, torch.zeros(len(cxr), dtype=torch.long), None)
+        return cxr - out if self.config.get("predicts") == "bone_layer" else out
 
     suppress = __call__

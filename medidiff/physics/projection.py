@@ -61,26 +61,28 @@ def rotation_angle_deg(rotation: np.ndarray) -> float:
     return float(np.rad2deg(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
 
 
-def _detector_grid(beam: ConeBeam) -> tuple[torch.Tensor, torch.Tensor]:
-    """World (x, z) of every detector pixel centre, each (rows, cols)."""
-    u = (torch.arange(beam.cols, dtype=torch.float64) + 0.5 - beam.cols / 2) * beam.pixel_mm
-    v = (torch.arange(beam.rows, dtype=torch.float64) + 0.5 - beam.rows / 2) * beam.pixel_mm
+def _detector_grid(beam: ConeBeam, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """World (x, z) of every detector pixel centre, each (rows, cols), float64 on ``device``."""
+    u = (torch.arange(beam.cols, dtype=torch.float64, device=device) + 0.5 - beam.cols / 2) * beam.pixel_mm
+    v = (torch.arange(beam.rows, dtype=torch.float64, device=device) + 0.5 - beam.rows / 2) * beam.pixel_mm
     vv, uu = torch.meshgrid(v, u, indexing="ij")
     return -uu, -vv
 
 
 def _normalised_points(beam: ConeBeam, pose: Pose, half_extent_mm: np.ndarray, ys: torch.Tensor) -> torch.Tensor:
-    """``grid_sample`` coordinates (k, rows, cols, 3) of the rays' points on the planes y = ``ys``.
+    """``grid_sample`` coordinates (k, rows, cols, 3) of the rays' points on the planes y = ``ys``,
+    on the device of ``ys``.
 
     A ray point is ``(x_det * f, y, z_det * f)`` with ``f = (y + sod) / sid``, so its volume
     coordinates are ``f * base + y * m_y - m @ shift`` for the linear map ``m`` world -> volume.
     """
-    x_det, z_det = _detector_grid(beam)
+    x_det, z_det = _detector_grid(beam, ys.device)
     m = np.diag(1.0 / (np.asarray(pose.scale) * half_extent_mm)) @ np.asarray(pose.rotation).T
-    mt = torch.from_numpy(m.T)
+    mt = torch.from_numpy(m.T).to(ys.device)
     base = (x_det[..., None] * mt[0] + z_det[..., None] * mt[2]).float()
     f = ((ys.double() + beam.sod_mm) / beam.sid_mm).float()
-    offset = (ys.double()[:, None] * mt[1] - torch.from_numpy(m @ np.asarray(pose.shift_mm, np.float64))).float()
+    shift = torch.from_numpy(m @ np.asarray(pose.shift_mm, np.float64)).to(ys.device)
+    offset = (ys.double()[:, None] * mt[1] - shift).float()
     return f[:, None, None, None] * base + offset[:, None, None, :]
 
 
@@ -90,9 +92,9 @@ def _half_extent(volume_shape: tuple[int, ...], spacing_mm: tuple[float, float, 
     return np.array([w * spacing_mm[2], h * spacing_mm[1], d * spacing_mm[0]]) / 2
 
 
-def _planes(depth_mm: float, step_mm: float) -> torch.Tensor:
+def _planes(depth_mm: float, step_mm: float, device: torch.device | str = "cpu") -> torch.Tensor:
     n = max(1, math.ceil(depth_mm / step_mm))
-    return (torch.arange(n, dtype=torch.float64) + 0.5) * (depth_mm / n) - depth_mm / 2
+    return (torch.arange(n, dtype=torch.float64, device=device) + 0.5) * (depth_mm / n) - depth_mm / 2
 
 
 def project(volume: torch.Tensor, spacing_mm: tuple[float, float, float], beam: ConeBeam, pose: Pose = Pose(),
@@ -109,16 +111,16 @@ def project(volume: torch.Tensor, spacing_mm: tuple[float, float, float], beam: 
     half = _half_extent(volume.shape, spacing_mm)
     if depth_mm is None:
         depth_mm = 2 * float(np.linalg.norm(half)) * max(pose.scale)
-    ys = _planes(depth_mm, step_mm)
-    step = depth_mm / len(ys)
-    x_det, z_det = _detector_grid(beam)
     dev = volume.device
-    ray_factor = (torch.sqrt(x_det**2 + z_det**2 + beam.sid_mm**2) / beam.sid_mm).float().to(dev)
+    ys = _planes(depth_mm, step_mm, dev)
+    step = depth_mm / len(ys)
+    x_det, z_det = _detector_grid(beam, dev)
+    ray_factor = (torch.sqrt(x_det**2 + z_det**2 + beam.sid_mm**2) / beam.sid_mm).float()
     vol = volume[None].float()
     displacement = None if displacement is None else displacement.to(dev)
     total = torch.zeros(volume.shape[0], beam.rows, beam.cols, device=dev)
     for start in range(0, len(ys), chunk):
-        grid = _normalised_points(beam, pose, half, ys[start:start + chunk])[None].to(dev)
+        grid = _normalised_points(beam, pose, half, ys[start:start + chunk])[None]
         if displacement is not None:  # smooth: sampled on every 4th ray, interpolated in between
             d = F.grid_sample(displacement[None].float(), grid[:, :, ::4, ::4], padding_mode="border",
                               align_corners=True)[0].transpose(0, 1)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The exact commands behind the shipped bone-suppression weights (see the model card for times).
+# Run from the repository root after `make drr-data`. Stage 0 (phantom/*.yaml) is the previous,
+# phantom-only release; the shipped models are fine-tuned from it (their `init:`) on real-CT DRRs +
+# phantom pairs. Run folders: ~/.cache/medidiff/runs/<name>; an interrupted command resumes there.
+# DEVICE=cpu (the shipped run, 2 cores) or cuda; PYTHON names the interpreter.
+set -euo pipefail
+DEVICE=${DEVICE:-cpu}
+PYTHON=${PYTHON:-python}
+C=configs/bone_suppression
+train() { "$PYTHON" -m medidiff.train --device "$DEVICE" "$@"; }
+train $C/phantom/vqgan.yaml
+train $C/phantom/ldm.yaml
+"$PYTHON" -m medidiff.methods.bone_suppression_training --device "$DEVICE" $C/ldm.yaml  # DRR + phantom pairs
+train $C/vqgan.yaml --export models/bone_suppression
+train $C/ldm.yaml --export models/bone_suppression & ldm=$!
+train $C/regression.yaml --export models/bone_suppression & regression=$!
+wait $ldm; wait $regression
