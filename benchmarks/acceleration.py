@@ -3,16 +3,19 @@
 ``python benchmarks/acceleration.py [--images 8] [--threads 1] [--model models/bone_suppression]``.
 Held-out phantom pairs (``chest_phantom.TEST_SEEDS``) go through the method (VQ-GAN encode, the
 model's sampler, decode) with each transform applied to ``method.model_fn``; every row is timed in
-this run (the fastest image, after one warm-up call), and compared with the untransformed output (same seed)
+this run (the fastest image, after one warm-up call; whole, and the time spent in the model function), and compared with the untransformed output (same seed)
 and with the true soft-tissue image. Quantization is calibrated on validation pairs
 (``VAL_SEEDS``, model inputs recorded every 5th sampling step); it is fake quantization (float
-kernels), so it shows quality, not speed.
+kernels), so it shows quality and storage (the weights column: Conv/Linear weights as float16, as
+shipped, or the quantization file of codes and ranges), not speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,7 @@ from medidiff.acceleration import (
     applied,
     record_model_inputs,
 )
+from medidiff.acceleration.layers import weight_layers
 from medidiff.datasets import chest_phantom
 from medidiff.methods.bone_suppression import BSLDM, MODELS_DIR
 from medidiff.metrics import psnr, ssim
@@ -34,17 +38,26 @@ def pairs(seeds: list[int], size: int = 256) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(batch["cxr"])[:, None], torch.from_numpy(batch["soft"])[:, None]
 
 
-def run(method: BSLDM, cxr: torch.Tensor, transforms: list) -> tuple[torch.Tensor, float]:
-    """Outputs (N, 1, H, W) and the fastest image's seconds (all cost the same; the minimum damps
-    other load on a shared CPU), the transforms applied around each call."""
-    outs, seconds = [], []
-    with applied(method.model_fn, *transforms):
-        method(cxr[:1])  # warm-up
-        for image in cxr.split(1):
-            start = time.perf_counter()
-            outs.append(method(image))
-            seconds.append(time.perf_counter() - start)
-    return torch.cat(outs), min(seconds)
+def run(method: BSLDM, cxr: torch.Tensor, transforms: list) -> tuple[torch.Tensor, float, float]:
+    """Outputs (N, 1, H, W) and the fastest image's seconds, whole and in the model function (all
+    images cost the same; the minimum damps other load on a shared CPU), the transforms applied."""
+    outs, seconds, in_model = [], [], [0.0]
+    started = []
+    hooks = [method.model_fn.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+             method.model_fn.register_forward_hook(
+                 lambda *_: in_model.__setitem__(-1, in_model[-1] + time.perf_counter() - started.pop()))]
+    try:
+        with applied(method.model_fn, *transforms):
+            method(cxr[:1])  # warm-up
+            for image in cxr.split(1):
+                in_model.append(0.0)
+                start = time.perf_counter()
+                outs.append(method(image))
+                seconds.append(time.perf_counter() - start)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(outs), min(seconds), min(in_model[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,24 +74,31 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_cxr.split(1)], every=5)
     calibration_seconds = time.perf_counter() - start
+    w8, w4 = PostTrainingQuantization(calibration, 8, 8), PostTrainingQuantization(calibration, 4, 8)
+    steps = method.default_steps
     rows = {"baseline": [], **{f"DeepCache N={n}": [DeepCache(interval=n)] for n in (2, 3, 5)},
-            "W8A8 (fake quant)": [PostTrainingQuantization(calibration, 8, 8)],
-            "W4A8 (fake quant)": [PostTrainingQuantization(calibration, 4, 8)],
-            "pruning 30 %": [MagnitudePruning(0.3)],
-            "DeepCache N=3 + W8A8": [DeepCache(interval=3), PostTrainingQuantization(calibration, 8, 8)]}
-    results = {}
-    for name, transforms in rows.items():
-        results[name] = run(method, cxr, transforms)
-    base, base_s = results["baseline"]
-    print(f"BS-LDM {a.model}: {method.default_method.upper()} {method.default_steps} steps, 256x256, "
+            "DeepCache N=3, non-uniform (center 15)": [DeepCache(interval=3, center=15, steps=steps)],
+            "W8A8 (fake quant)": [w8], "W4A8 (fake quant)": [w4],
+            **{f"pruning {p} %": [MagnitudePruning(p / 100)] for p in (10, 30, 50)},
+            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8]}
+    results = {name: run(method, cxr, transforms) for name, transforms in rows.items()}
+    # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
+    float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = {id(q): q.save(Path(tmp) / "q.safetensors").stat().st_size / 1024 for q in (w8, w4)}
+    base, base_s, base_model_s = results["baseline"]
+    print(f"BS-LDM {a.model}: {method.default_method.upper()} {steps} steps, 256x256, "
           f"{a.images} test phantoms, threads={a.threads}; calibration {len(calibration.inputs)} inputs over "
           f"{len(calibration.timesteps)} timesteps ({calibration_seconds:.0f} s)\n")
-    print("| configuration | s / image | speed-up | PSNR vs baseline (dB) | SSIM vs baseline | PSNR vs truth (dB) | SSIM vs truth |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (out, seconds) in results.items():
+    print("| configuration | s / image | speed-up | UNet s / image | UNet speed-up | weights (kB) "
+          "| PSNR vs baseline (dB) | SSIM vs baseline | PSNR vs truth (dB) | SSIM vs truth |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, (out, seconds, model_s) in results.items():
         vs_base = "exact" if torch.equal(out, base) else f"{psnr(out, base).mean():.2f}"
-        print(f"| {name} | {seconds:.2f} | {base_s / seconds:.2f}x | {vs_base} | {ssim(out, base).mean():.4f} | "
-              f"{psnr(out, soft).mean():.2f} | {ssim(out, soft).mean():.4f} |")
+        size = next((kb[id(t)] for t in rows[name] if id(t) in kb), float_kb)
+        print(f"| {name} | {seconds:.2f} | {base_s / seconds:.2f}x | {model_s:.2f} | {base_model_s / model_s:.2f}x | "
+              f"{size:.0f} | {vs_base} | "
+              f"{ssim(out, base).mean():.4f} | {psnr(out, soft).mean():.2f} | {ssim(out, soft).mean():.4f} |")
 
 
 if __name__ == "__main__":

@@ -257,6 +257,8 @@ def test_spec_builds_transforms_and_names_mistakes():
                           ({"quantization": {"weight_bits": 8}}, "takes {file: <path>}"),
                           ({"deepcache": {"intervall": 3}}, "deepcache: got an unexpected keyword"),
                           ({"deepcache": {"interval": 0}}, "interval is 0"),
+                          ({"deepcache": {"interval": "3"}}, "interval is '3'; expected a whole number"),
+                          ({"pruning": {"sparsity": "half"}}, "sparsity is 'half'"),
                           ([3], "expected a mapping")):
         with pytest.raises(TransformError, match=message):
             transforms_from_spec(spec)

@@ -141,14 +141,17 @@ class DeepCache(Transform):
 
     def __init__(self, interval: int = 3, branch: int = 0, center: int | None = None, steps: int | None = None,
                  power: float = 1.4):
-        if int(interval) != interval or interval < 1:
-            raise TransformError(f"DeepCache interval is {interval!r}; expected a whole number >= 1")
-        self.interval, self.branch = int(interval), int(branch)
+        for key, value, least in (("interval", interval, 1), ("branch", branch, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TransformError(f"DeepCache {key} is {value!r}; expected a whole number >= {least}")
+        self.interval, self.branch = interval, branch
         self.refresh_steps = None
         if center is not None:
-            if steps is None or not 0 < center < steps:
+            if not (isinstance(steps, int) and isinstance(center, int) and 0 < center < steps):
                 raise TransformError(f"DeepCache center is {center!r} with steps {steps!r}; a non-uniform "
                                      "schedule needs the sampler's steps and 0 < center < steps")
+            if not isinstance(power, int | float) or power <= 1:
+                raise TransformError(f"DeepCache power is {power!r}; expected a number above 1")
             self.refresh_steps = frozenset(quadratic_refresh_steps(steps, -(-steps // self.interval), center, power))
 
     def attach(self, model_fn: ModelFunction) -> None:

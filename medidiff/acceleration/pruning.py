@@ -24,7 +24,7 @@ class MagnitudePruning(Transform):
     name = "pruning"
 
     def __init__(self, sparsity: float = 0.5):
-        if not 0 <= sparsity < 1:
+        if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
             raise TransformError(f"pruning sparsity is {sparsity!r}; expected 0 <= sparsity < 1")
         self.sparsity = float(sparsity)
 
