@@ -19,6 +19,7 @@ from medidiff.acceleration import (
 )
 from medidiff.acceleration.deepcache import quadratic_refresh_steps
 from medidiff.acceleration.layers import weight_layers
+from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.acceleration.quantization import shortcut_splits
 from medidiff.diffusion.gaussian import cosine_alphas_cumprod, gaussian_process
 from medidiff.diffusion.sampling import sample
@@ -132,6 +133,26 @@ def test_deepcache_nonuniform_refreshes_on_its_schedule(model_fn, baseline):
     assert 0 < rel_err(out, baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
     with pytest.raises(TransformError, match="needs the sampler's steps"):
         DeepCache(interval=3, center=4)
+
+
+def test_profiled_schedule_refreshes_where_the_deep_feature_moves(model_fn, baseline):
+    assert profiled_refresh_steps([1.0] * 9, 5) == [0, 2, 4, 6, 8]
+    assert profiled_refresh_steps([8.0, 4.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5], 4) == [0, 1, 2, 3]
+    assert profiled_refresh_steps([0.0] * 9, 3) == [0, 1, 2]
+    changes = feature_changes(model_fn, lambda: run(model_fn, seed=1))
+    assert len(changes) == STEPS - 1 and all(c > 0 for c in changes)
+    steps = profiled_refresh_steps(changes, 4)
+    counts = {}
+    handle = count_calls(model_fn.net.mid_block.resnets[0].conv1, counts, "mid")
+    try:
+        with applied(model_fn, DeepCache(refresh_steps=steps)):
+            out = run(model_fn)
+    finally:
+        handle.remove()
+    assert counts["mid"] == 4
+    assert 0 < rel_err(out, baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
+    with pytest.raises(TransformError, match="include 0"):
+        DeepCache(refresh_steps=[1, 3])
 
 
 def test_deepcache_refreshes_on_a_new_input_shape_without_reset(model_fn):

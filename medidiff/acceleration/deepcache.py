@@ -134,18 +134,24 @@ class DeepCache(Transform):
     """DeepCache: the whole UNet every ``interval`` calls, the shallow branch ``branch`` in between.
 
     With ``center`` (and ``steps``, the sampler's step count) the ``ceil(steps / interval)`` refresh
-    steps follow the paper's non-uniform schedule instead (:func:`quadratic_refresh_steps`).
+    steps follow the paper's non-uniform schedule instead (:func:`quadratic_refresh_steps`); with
+    ``refresh_steps`` they are given (e.g. from :func:`~medidiff.acceleration.profiling.profiled_refresh_steps`).
     """
 
     name = "deepcache"
 
     def __init__(self, interval: int = 3, branch: int = 0, center: int | None = None, steps: int | None = None,
-                 power: float = 1.4):
+                 power: float = 1.4, refresh_steps: list[int] | None = None):
         for key, value, least in (("interval", interval, 1), ("branch", branch, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TransformError(f"DeepCache {key} is {value!r}; expected a whole number >= {least}")
         self.interval, self.branch = interval, branch
         self.refresh_steps = None
+        if refresh_steps is not None:
+            if center is not None or not refresh_steps or 0 not in refresh_steps:
+                raise TransformError(f"DeepCache refresh_steps is {refresh_steps!r}; expected step indices that "
+                                     "include 0 (the first step), without center")
+            self.refresh_steps = frozenset(int(i) for i in refresh_steps)
         if center is not None:
             if not (isinstance(steps, int) and isinstance(center, int) and 0 < center < steps):
                 raise TransformError(f"DeepCache center is {center!r} with steps {steps!r}; a non-uniform "
