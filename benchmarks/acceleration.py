@@ -2,12 +2,13 @@
 
 ``python benchmarks/acceleration.py [--images 8] [--threads 1] [--model models/bone_suppression]``.
 Held-out phantom pairs (``chest_phantom.TEST_SEEDS``) go through the method (VQ-GAN encode, the
-model's sampler, decode) with each transform applied to ``method.model_fn``; every row is timed in
-this run (the fastest image, after one warm-up call; whole, and the time spent in the model function), and compared with the untransformed output (same seed)
-and with the true soft-tissue image. Quantization is calibrated on validation pairs
-(``VAL_SEEDS``, model inputs recorded every 5th sampling step); it is fake quantization (float
-kernels), so it shows quality and storage (the weights column: Conv/Linear weights as float16, as
-shipped, or the quantization file of codes and ranges), not speed.
+model's sampler, decode) with each transform applied to ``method.model_fn``. Every row is timed in
+this run (rows take turns image by image; the fastest image, whole and inside the model function)
+and compared with the untransformed output (same seed) and with the true soft-tissue image.
+Quantization is calibrated on validation pairs (``VAL_SEEDS``, model inputs recorded every 5th
+sampling step), and the profiled DeepCache schedule is measured on the same pairs. Quantization is
+fake quantization (float kernels): it shows quality and storage (the weights column: Conv/Linear
+weights as float16, as shipped, or the quantization file of codes and ranges), not speed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from medidiff.acceleration import (
     record_model_inputs,
 )
 from medidiff.acceleration.layers import weight_layers
+from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.datasets import chest_phantom
 from medidiff.methods.bone_suppression import BSLDM, MODELS_DIR
 from medidiff.metrics import psnr, ssim
@@ -38,26 +40,32 @@ def pairs(seeds: list[int], size: int = 256) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(batch["cxr"])[:, None], torch.from_numpy(batch["soft"])[:, None]
 
 
-def run(method: BSLDM, cxr: torch.Tensor, transforms: list) -> tuple[torch.Tensor, float, float]:
-    """Outputs (N, 1, H, W) and the fastest image's seconds, whole and in the model function (all
-    images cost the same; the minimum damps other load on a shared CPU), the transforms applied."""
-    outs, seconds, in_model = [], [], [0.0]
-    started = []
+def run_all(method: BSLDM, cxr: torch.Tensor, rows: dict[str, list]) -> dict[str, tuple[torch.Tensor, float, float]]:
+    """Per row: outputs (N, 1, H, W) and the fastest image's seconds, whole and inside the model
+    function. Rows take turns image by image (after one warm-up call each, which also quantizes), so
+    that load from other jobs on a shared CPU hits all rows alike; all images cost the same, and the
+    minimum damps that load further."""
+    started, in_model = [], [0.0]
     hooks = [method.model_fn.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
              method.model_fn.register_forward_hook(
-                 lambda *_: in_model.__setitem__(-1, in_model[-1] + time.perf_counter() - started.pop()))]
+                 lambda *_: in_model.__setitem__(0, in_model[0] + time.perf_counter() - started.pop()))]
+    outs, seconds, model_seconds = ({name: [] for name in rows} for _ in range(3))
     try:
-        with applied(method.model_fn, *transforms):
-            method(cxr[:1])  # warm-up
-            for image in cxr.split(1):
-                in_model.append(0.0)
-                start = time.perf_counter()
-                outs.append(method(image))
-                seconds.append(time.perf_counter() - start)
+        for transforms in rows.values():
+            with applied(method.model_fn, *transforms):
+                method(cxr[:1])
+        for image in cxr.split(1):
+            for name, transforms in rows.items():
+                with applied(method.model_fn, *transforms):
+                    in_model[0] = 0.0
+                    start = time.perf_counter()
+                    outs[name].append(method(image))
+                    seconds[name].append(time.perf_counter() - start)
+                    model_seconds[name].append(in_model[0])
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.cat(outs), min(seconds), min(in_model[1:])
+    return {name: (torch.cat(outs[name]), min(seconds[name]), min(model_seconds[name])) for name in rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,12 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     calibration_seconds = time.perf_counter() - start
     w8, w4 = PostTrainingQuantization(calibration, 8, 8), PostTrainingQuantization(calibration, 4, 8)
     steps = method.default_steps
+    # profiled schedule: the reused feature's step-to-step change, averaged over the validation pairs
+    changes = torch.tensor([feature_changes(method.model_fn, lambda x=x: method(x)) for x in cal_cxr.split(1)]).mean(0)
+    profiled = profiled_refresh_steps(changes.tolist(), -(-steps // 3))
     rows = {"baseline": [], **{f"DeepCache N={n}": [DeepCache(interval=n)] for n in (2, 3, 5)},
             "DeepCache N=3, non-uniform (center 15)": [DeepCache(interval=3, center=15, steps=steps)],
+            "DeepCache N=3, profiled": [DeepCache(refresh_steps=profiled)],
             "W8A8 (fake quant)": [w8], "W4A8 (fake quant)": [w4],
             **{f"pruning {p} %": [MagnitudePruning(p / 100)] for p in (10, 30, 50)},
             "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8]}
-    results = {name: run(method, cxr, transforms) for name, transforms in rows.items()}
+    results = run_all(method, cxr, rows)
     # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
     float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     base, base_s, base_model_s = results["baseline"]
     print(f"BS-LDM {a.model}: {method.default_method.upper()} {steps} steps, 256x256, "
           f"{a.images} test phantoms, threads={a.threads}; calibration {len(calibration.inputs)} inputs over "
-          f"{len(calibration.timesteps)} timesteps ({calibration_seconds:.0f} s)\n")
+          f"{len(calibration.timesteps)} timesteps ({calibration_seconds:.0f} s); profiled refresh steps {profiled}\n")
     print("| configuration | s / image | speed-up | UNet s / image | UNet speed-up | weights (kB) "
           "| PSNR vs baseline (dB) | SSIM vs baseline | PSNR vs truth (dB) | SSIM vs truth |")
     print("|---|---|---|---|---|---|---|---|---|---|")

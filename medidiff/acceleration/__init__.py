@@ -7,7 +7,8 @@ under its own name and is removed again without a trace::
     with applied(method.model_fn, DeepCache(interval=3)):
         out = method(x)
 
-- :class:`DeepCache`: reuse the deep UNet features between refresh steps (``deepcache``).
+- :class:`DeepCache`: reuse the deep UNet features between refresh steps (``deepcache``); uniform,
+  the paper's non-uniform, or a profiled schedule (:func:`feature_changes`, :func:`profiled_refresh_steps`).
 - :class:`PostTrainingQuantization`: Q-Diffusion-style fake quantization (``quantization``),
   calibrated on :func:`record_model_inputs` (inputs recorded across sampling timesteps).
 - :class:`MagnitudePruning`: unstructured magnitude pruning (``pruning``).
@@ -19,10 +20,12 @@ its paper.
 
 from medidiff.acceleration.calibration import CalibrationSet, record_model_inputs
 from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.acceleration.pruning import MagnitudePruning
 from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
 __all__ = ["CalibrationSet", "DeepCache", "MagnitudePruning", "PostTrainingQuantization", "Transform",
-           "TransformError", "applied", "record_model_inputs", "transforms_from_spec"]
+           "TransformError", "applied", "feature_changes", "profiled_refresh_steps", "record_model_inputs",
+           "transforms_from_spec"]
