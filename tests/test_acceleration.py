@@ -198,6 +198,8 @@ def test_quantization_saves_and_reloads_to_identical_outputs(model_fn, calibrati
         quant = PostTrainingQuantization(calibration, weight_bits=bits, act_bits=8)
         with applied(model_fn, quant):
             expected = run(model_fn)
+        assert quant.layers["net.conv_out"].bits == quant.layers["net.conv_in"].bits == 8  # head and stem
+        assert quant.layers["net.mid_block.resnets.0.conv1"].bits == bits
         path = quant.save(tmp_path / f"w{bits}.safetensors")
         sizes[bits] = path.stat().st_size
         (loaded,) = transforms_from_spec({"quantization": {"file": str(path)}})

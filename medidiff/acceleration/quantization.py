@@ -8,8 +8,10 @@ run through the weight-quantized model. Split shortcut quantization: the shortcu
 up-block resnet, whose input is the concatenation [upsampled feature, skip feature] of two very
 different ranges, quantizes each part (activations and the matching weight columns) separately.
 The UNet's ``conv_in`` reads the sampler's state itself, whose range differs per input (noise
-outliers): its input stays float. Rounding is to nearest (Q-Diffusion's AdaRound/BRECQ
-reconstruction is not done).
+outliers): its input stays float. The first and last weight layers (``conv_in``, ``conv_out``) keep
+at least ``head_stem_bits`` (8) bits, as BRECQ-derived PTQ code does (Q-Diffusion's own code quantizes
+them like the rest; ``head_stem_bits=None`` does too). Rounding is to nearest (Q-Diffusion's
+AdaRound/BRECQ reconstruction is not done).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class QuantizedLayer:
     """One layer's quantization: weight codes and per-channel ranges, activation ranges, split."""
 
     codes: torch.Tensor  # uint8 (int32 above 8 bits), the weight's shape
+    bits: int  # of the weight codes
     weight_ranges: torch.Tensor  # (parts, 2, out_channels)
     act_ranges: torch.Tensor | None  # (parts, 2) or None: float input
     split: int
@@ -119,12 +122,12 @@ class PostTrainingQuantization(Transform):
     name = "quantization"
 
     def __init__(self, calibration: CalibrationSet | None = None, weight_bits: int = 8, act_bits: int | None = 8,
-                 split_shortcut: bool = True):
-        for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+                 split_shortcut: bool = True, head_stem_bits: int | None = 8):
+        for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits), ("head_stem_bits", head_stem_bits)):
             if bits is not None and not 2 <= bits <= 16:
                 raise TransformError(f"quantization {key} is {bits}; expected 2..16")
         self.calibration, self.weight_bits, self.act_bits = calibration, weight_bits, act_bits
-        self.split_shortcut = split_shortcut
+        self.split_shortcut, self.head_stem_bits = split_shortcut, head_stem_bits
         self.layers: dict[str, QuantizedLayer] = {}
         self.source = "its first model"
 
@@ -138,8 +141,8 @@ class PostTrainingQuantization(Transform):
                                  "quantize this model anew")
         for name, q in self.layers.items():
             act = None if q.act_ranges is None else partial(_quantize_input, q.act_ranges, q.split, self.act_bits)
-            override_weight(found[name], WeightOverride(weight_from_codes(q.codes, q.weight_ranges, self.weight_bits,
-                                                                          q.split), act), self.name)
+            override_weight(found[name], WeightOverride(weight_from_codes(q.codes, q.weight_ranges, q.bits, q.split), act),
+                            self.name)
 
     @torch.no_grad()
     def _quantize(self, model_fn: ModelFunction) -> dict[str, QuantizedLayer]:
@@ -148,12 +151,15 @@ class PostTrainingQuantization(Transform):
             raise TransformError("quantization has no calibration inputs; record them with record_model_inputs")
         splits = shortcut_splits(model_fn) if self.split_shortcut else {}
         layers, observed = {}, {}
-        for name, layer in weight_layers(model_fn).items():
+        found = weight_layers(model_fn)
+        head_stem = {next(iter(found)), next(reversed(found))} if self.head_stem_bits else set()
+        for name, layer in found.items():
             split, w = splits.get(layer, 0), layer.weight.detach()
-            ranges = weight_ranges(w, self.weight_bits, split)
-            codes = weight_codes(w, ranges, self.weight_bits, split)
-            layers[name] = QuantizedLayer(codes, ranges, None, split, checksum(w))
-            hook = WeightOverride(weight_from_codes(codes, ranges, self.weight_bits, split))
+            bits = max(self.weight_bits, self.head_stem_bits) if name in head_stem else self.weight_bits
+            ranges = weight_ranges(w, bits, split)
+            codes = weight_codes(w, ranges, bits, split)
+            layers[name] = QuantizedLayer(codes, bits, ranges, None, split, checksum(w))
+            hook = WeightOverride(weight_from_codes(codes, ranges, bits, split))
             if self.act_bits is not None and not name.endswith(FLOAT_INPUT):
                 observed[name] = [ActivationObserver(seed) for seed in range(2 if split else 1)]
                 hook.input_fn = partial(_observe, observed[name], split)
@@ -177,11 +183,11 @@ class PostTrainingQuantization(Transform):
             raise TransformError("quantization: nothing to save yet; apply it to the model first")
         tensors, layers = {}, {}
         for name, q in self.layers.items():
-            tensors[f"{name}.codes"] = _pack(q.codes, self.weight_bits).contiguous()
+            tensors[f"{name}.codes"] = _pack(q.codes, q.bits).contiguous()
             tensors[f"{name}.weight_ranges"] = q.weight_ranges.contiguous()
             if q.act_ranges is not None:
                 tensors[f"{name}.act_ranges"] = q.act_ranges.contiguous()
-            layers[name] = {"shape": list(q.codes.shape), "split": q.split, "checksum": q.checksum}
+            layers[name] = {"shape": list(q.codes.shape), "bits": q.bits, "split": q.split, "checksum": q.checksum}
         meta = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "layers": layers}
         path = Path(path)
         with atomic_write(path) as tmp:
@@ -203,6 +209,6 @@ class PostTrainingQuantization(Transform):
         transform.source = str(path)
         for name, info in meta["layers"].items():
             transform.layers[name] = QuantizedLayer(
-                _unpack(tensors[f"{name}.codes"], meta["weight_bits"], info["shape"]),
+                _unpack(tensors[f"{name}.codes"], info["bits"], info["shape"]), info["bits"],
                 tensors[f"{name}.weight_ranges"], tensors.get(f"{name}.act_ranges"), info["split"], info["checksum"])
         return transform
