@@ -91,13 +91,15 @@ def main(argv: list[str] | None = None) -> None:
             "DeepCache N=3, non-uniform (center 15)": [DeepCache(interval=3, center=15, steps=steps)],
             "DeepCache N=3, profiled": [DeepCache(refresh_steps=profiled)],
             "W8A8 (fake quant)": [w8], "W4A8 (fake quant)": [w4],
+            "W4A8, conv_in/conv_out 4-bit too": [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None)],
             **{f"pruning {p} %": [MagnitudePruning(p / 100)] for p in (10, 30, 50)},
             "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8]}
     results = run_all(method, cxr, rows)
     # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
     float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
     with tempfile.TemporaryDirectory() as tmp:
-        kb = {id(q): q.save(Path(tmp) / "q.safetensors").stat().st_size / 1024 for q in (w8, w4)}
+        kb = {id(t): t.save(Path(tmp) / "q.safetensors").stat().st_size / 1024
+              for transforms in rows.values() for t in transforms if isinstance(t, PostTrainingQuantization)}
     base, base_s, base_model_s = results["baseline"]
     print(f"BS-LDM {a.model}: {method.default_method.upper()} {steps} steps, 256x256, "
           f"{a.images} test phantoms, threads={a.threads}; calibration {len(calibration.inputs)} inputs over "
