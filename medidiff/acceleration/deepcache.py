@@ -11,7 +11,8 @@ first recomputed up resnet gets the cached high-level feature concatenated with 
 resnet and the output head.
 
 Works on any diffusers UNet with ``down_blocks``/``mid_block``/``up_blocks`` (``UNet2DModel``,
-``UNet2DConditionModel``) found inside the model function.
+``UNet2DConditionModel``) found inside the model function. Steps are model-function calls: a
+sampler that calls the model more than once per step (e.g. guidance) counts each call.
 """
 
 from __future__ import annotations
