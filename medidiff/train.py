@@ -179,7 +179,7 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
         with atomic_write(ckpt) as tmp:
             torch.save(state, tmp)
 
-    bar = tqdm(total=max_steps, initial=step, desc=cfg["name"], mininterval=5)
+    bar = tqdm(total=t.get("max_steps"), initial=step, desc=cfg["name"], mininterval=5)
     last_ckpt, start, start_elapsed = time.monotonic(), time.monotonic(), elapsed
     while step < max_steps and elapsed < budget:
         metrics = task.step(step)

@@ -2,10 +2,12 @@
 # The exact commands behind the shipped bone-suppression weights (see the model card for times).
 # Run from the repository root after `make drr-data`. Stage 0 (phantom/*.yaml) is the previous,
 # phantom-only release; the shipped models are fine-tuned from it (their `init:`) on real-CT DRRs +
-# phantom pairs. Run folders: ~/.cache/medidiff/runs/<name>; an interrupted command resumes there.
-# DEVICE=cpu (the shipped run, 2 cores) or cuda; PYTHON names the interpreter.
+# phantom pairs. Stage 0 ran on 2 CPU cores (its configs say how long); on a GPU it is retrained,
+# not reproduced bit for bit. Run folders: ~/.cache/medidiff/runs/<name>; a stopped command resumes.
+# DEVICE=cuda (the shipped run: one H200, about 4 minutes including data) or cpu (many hours on
+# 2 cores); PYTHON names the interpreter. Budgets are wall-clock minutes in the configs.
 set -euo pipefail
-DEVICE=${DEVICE:-cpu}
+DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python}
 C=configs/bone_suppression
 train() { "$PYTHON" -m medidiff.train --device "$DEVICE" "$@"; }

@@ -30,15 +30,17 @@ def write_model_card(folder: Path, title: str | None = None) -> Path:
     notes_text = notes.read_text() if notes.exists() else ""
     parts = [] if notes_text.startswith("# ") else [f"# {title or _title(folder, records)}\n"]
     parts.append(notes_text)
-    parts.append("\n## Training runs\n\n| model | config | data | steps | minutes | threads | final metrics |\n"
+    parts.append("\n## Training runs\n\n| model | config | data | steps | minutes | device (threads) | final metrics |\n"
                  "|---|---|---|---|---|---|---|\n")
     for stem, tr in records.items():
         fm = ", ".join(f"{k}={v:.4g}" for k, v in tr.get("final_metrics", {}).items()
                        if k not in ("step", "minutes") and isinstance(v, float))
         data = tr.get("data", {})
-        source = f"{data.get('generator', '')} x{data.get('n_train', '')}" if data else ""
+        source = " + ".join(f"{s['generator']} x{s['n_train']}" + "".join(f", {k}: {v}" for k, v in s.items()
+                                                                       if k not in ("generator", "n_train"))
+                            for s in data.get("sources", [data] if "generator" in data else []))
         parts.append(f"| {stem} | `{tr.get('config')}` | {source} | {tr.get('steps')} | {tr.get('minutes')} | "
-                     f"{tr.get('threads')} | {fm} |\n")
+                     f"{tr.get('device', 'cpu')} ({tr.get('threads')}) | {fm} |\n")
     for results in sorted(folder.glob("eval_*.md")):
         parts.append("\n" + results.read_text())
     parts.append("\n## Files (sha256)\n\n")
