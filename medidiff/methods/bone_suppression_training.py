@@ -39,6 +39,13 @@ def data_sources(data: dict) -> list[dict]:
     return [{"generator": data.get("generator", "medidiff.datasets.chest_phantom"), "n_train": data["n_train"]}]
 
 
+def source_stem(source: dict, size: int) -> str:
+    """Cache name of one source's pairs: generator, options, size and count."""
+    options = {k: v for k, v in source.items() if k not in SOURCE_KEYS}
+    tag = "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
+    return f"{source['generator'].rsplit('.', 1)[-1]}{tag}_{size}px_{int(source['n_train'])}"
+
+
 def generate_pairs(source: dict, size: int, cache: Path, workers: int, device: str) -> tuple[np.ndarray, ...]:
     """(cxr, soft) float16 (N,size,size) of one source's first ``n_train`` TRAIN_SEEDS, cached as .npy.
 
@@ -49,8 +56,7 @@ def generate_pairs(source: dict, size: int, cache: Path, workers: int, device: s
     gen = importlib.import_module(source["generator"])
     n = int(source["n_train"])
     options = {k: v for k, v in source.items() if k not in SOURCE_KEYS}
-    tag = "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
-    stem = f"{gen.__name__.rsplit('.', 1)[-1]}{tag}_{size}px_{n}"
+    stem = source_stem(source, size)
     paths = {k: cache / f"{stem}_{k}.npy" for k in ("cxr", "soft")}
     if not all(p.exists() for p in paths.values()):
         if "device" in inspect.signature(gen.make_batch).parameters:
@@ -185,8 +191,9 @@ class LDMTask(PairTask):
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         cache = Path(self.cfg["data"].get("cache_dir", "/tmp/medidiff-cache")).expanduser()
         stamp = self.vqgan_path.with_suffix(".safetensors").stat().st_mtime_ns
-        sources = "+".join(f"{s['generator'].rsplit('.', 1)[-1]}{s['n_train']}" for s in data_sources(self.cfg["data"]))
-        path = cache / f"latents_{sources}_{len(self.cxr)}_{stamp}.pt"
+        size = int(self.cfg["data"]["size"])
+        sources = "+".join(source_stem(s, size) for s in data_sources(self.cfg["data"]))
+        path = cache / f"latents_{sources}_{stamp}.pt"
         if path.exists():
             return tuple(z.to(self.device) for z in torch.load(path))
         out, threads = [], torch.get_num_threads()
