@@ -12,6 +12,7 @@ so the zero frequency sits at index ``(H // 2, W // 2)`` and masks are drawn in 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable
 
@@ -84,13 +85,18 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 32,
     return padded, lambda t: t[..., :h, :w]
 
 
-def orthogonal_rows(rows: int, size: int, seed: int) -> torch.Tensor:
-    """``rows`` orthonormal rows (float32, ``(rows, size)``) of a random orthogonal matrix: QR of a
-    seeded Gaussian matrix, signs fixed by ``diag(R) > 0`` so the result does not depend on LAPACK."""
+@functools.lru_cache(maxsize=4)
+def _orthogonal(size: int, seed: int) -> torch.Tensor:
     gaussian = torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    q = q * torch.sign(torch.diagonal(r))
-    return q.T[:rows].float().contiguous()
+    return (q * torch.sign(torch.diagonal(r))).T
+
+
+def orthogonal_rows(rows: int, size: int, seed: int) -> torch.Tensor:
+    """``rows`` orthonormal rows (float32, ``(rows, size)``) of a random orthogonal matrix: QR of a
+    seeded Gaussian matrix, signs fixed by ``diag(R) > 0`` so the result does not depend on LAPACK
+    (cached: every ratio of one seed shares the matrix)."""
+    return _orthogonal(size, seed)[:rows].float().contiguous()
 
 
 class BlockCS(Operator):
@@ -119,23 +125,26 @@ class BlockCS(Operator):
         return self
 
     def _tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) -> (B, block^2, H / block, W / block)."""
+        """(B, 1, H, W) -> (block^2, B * H / block * W / block): one column per tile, so that a single
+        matrix product measures the whole batch."""
         b, k = x.shape[0], self.block
         h, w = self.image_shape
-        return x.reshape(b, h // k, k, w // k, k).permute(0, 2, 4, 1, 3).reshape(b, k * k, h // k, w // k)
+        return x.reshape(b, h // k, k, w // k, k).permute(2, 4, 0, 1, 3).reshape(k * k, -1)
 
-    def _untile(self, t: torch.Tensor) -> torch.Tensor:
-        b, k = t.shape[0], self.block
+    def _untile(self, columns: torch.Tensor) -> torch.Tensor:
+        k = self.block
         h, w = self.image_shape
-        return t.reshape(b, k, k, h // k, w // k).permute(0, 3, 1, 4, 2).reshape(b, 1, h, w)
+        return columns.reshape(k, k, -1, h // k, w // k).permute(2, 3, 0, 4, 1).reshape(-1, 1, h, w)
 
     def forward(self, x):
         self._check_image(x)
-        return torch.einsum("qn,bnhw->bqhw", self.matrix.to(x.dtype), self._tiles(x))
+        q, (bh, bw) = self.rows, self.measurement_shape[1:]
+        y = self.matrix.to(x.dtype) @ self._tiles(x)
+        return y.reshape(q, x.shape[0], bh, bw).transpose(0, 1)
 
     def adjoint(self, y):
         self._check_measurement(y)
-        return self._untile(torch.einsum("qn,bqhw->bnhw", self.matrix.to(y.dtype), y))
+        return self._untile(self.matrix.to(y.dtype).T @ y.transpose(0, 1).reshape(self.rows, -1))
 
     def pinv(self, y):
         return self.adjoint(y)
