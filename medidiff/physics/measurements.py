@@ -93,10 +93,10 @@ def _orthogonal(size: int, seed: int) -> torch.Tensor:
 
 
 def orthogonal_rows(rows: int, size: int, seed: int) -> torch.Tensor:
-    """``rows`` orthonormal rows (float32, ``(rows, size)``) of a random orthogonal matrix: QR of a
+    """``rows`` orthonormal rows (float64, ``(rows, size)``) of a random orthogonal matrix: QR of a
     seeded Gaussian matrix, signs fixed by ``diag(R) > 0`` so the result does not depend on LAPACK
     (cached: every ratio of one seed shares the matrix)."""
-    return _orthogonal(size, seed)[:rows].float().contiguous()
+    return _orthogonal(size, seed)[:rows].contiguous()
 
 
 class BlockCS(Operator):
@@ -117,7 +117,7 @@ class BlockCS(Operator):
         self.ratio, self.block, self.seed = ratio, block, seed
         self.image_shape = (h, w)
         self.rows = math.ceil(ratio * block * block - 1e-9)
-        self.matrix = orthogonal_rows(self.rows, block * block, seed)  # Phi: (q, block^2)
+        self.matrix = orthogonal_rows(self.rows, block * block, seed)  # Phi: (q, block^2), float64, cast per call
         self.measurement_shape = (self.rows, h // block, w // block)
 
     def to(self, device):
