@@ -18,6 +18,8 @@ EPILOG = """examples:
   medidiff evaluate bone-suppression --data synthetic-cxr:test:20 --baseline identity
   medidiff models register bone_suppression
   medidiff reader-study export bone-suppression --data synthetic-cxr:test:20 -o study/
+  medidiff batch bone-suppression /data/incoming -o out/ --workers 2
+  medidiff status out/
   medidiff listen normalize-preview --ae-title MEDIDIFF --port 11112 -o out/ --allow MODALITY \
       --destination PACS@10.0.0.5:104
 """
@@ -114,6 +116,30 @@ def _parser() -> argparse.ArgumentParser:
     import_.add_argument("scores", nargs="+", help="filled-in score CSV files, one per reader")
     import_.add_argument("--experiment", default="medidiff-reader-study", help="MLflow experiment name")
     import_.add_argument("--no-tracking", action="store_true", help="print only; log nothing")
+
+    batch = sub.add_parser("batch", help="run a pipeline study by study from a durable queue: resumes after a "
+                           "kill, retries, quarantines, scales out on Dask", description="Queue every study of "
+                           "INPUT in OUT/.medidiff/queue.sqlite and run PIPELINE on each, on Dask worker processes. "
+                           "A killed batch resumes where it stopped when run again; a failed study is retried "
+                           "after a backoff and quarantined (with its reason) after --max-attempts failures. "
+                           "Logs are JSON lines on stderr with hashed keys only.")
+    batch.add_argument("pipeline", help="a pipeline YAML file or a built-in name (see pipelines/)")
+    batch.add_argument("input", help="folder, .zip, DICOMDIR or single file (never modified)")
+    batch.add_argument("-o", "--output", required=True, help="output folder (created; re-runs resume)")
+    where = batch.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="N local Dask worker processes (default 1); 0: in this process, without Dask")
+    where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (its workers "
+                       "must see INPUT and OUTPUT at the same paths)")
+    batch.add_argument("--max-attempts", type=_positive_int, default=3,
+                       help="quarantine a study after this many failed attempts (default 3)")
+    batch.add_argument("--retry-delay", type=float, default=5.0,
+                       help="seconds before the first retry of a failed study, doubled each time (default 5)")
+    batch.add_argument("--retry-quarantined", action="store_true", help="give quarantined studies a new chance")
+
+    status = sub.add_parser("status", help="health and metrics of an output folder (JSON): processed, failed, "
+                            "queue length, seconds per study, quarantine, outbox")
+    status.add_argument("output", help="an output folder of `medidiff batch`, `run` or `listen`")
 
     listen = sub.add_parser("listen", help="a DICOM C-STORE SCP: run a pipeline on each received study, "
                             "send the results by C-STORE", description="Receive studies by C-STORE (and answer "
@@ -243,6 +269,39 @@ def _reader_study(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from medidiff.batch import InProcess, run_batch
+    from medidiff.errors import InputError
+    from medidiff.pipeline import Pipeline
+
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more worker processes")
+    if args.retry_delay < 0:
+        raise InputError(f"--retry-delay {args.retry_delay}: give 0 or more seconds")
+    pipeline = Pipeline.from_yaml(args.pipeline)
+    if args.scheduler or args.workers:
+        from medidiff.scaleout import DaskExecutor
+
+        executor = DaskExecutor(workers=args.workers, scheduler=args.scheduler)
+    else:
+        executor = InProcess(pipeline)
+    with executor:
+        summary = run_batch(pipeline, args.input, args.output, executor, max_attempts=args.max_attempts,
+                            retry_delay=args.retry_delay, retry_quarantined=args.retry_quarantined)
+    print(summary.text())
+    print(f"report: {args.output}/report.json; health: medidiff status {args.output}")
+    return 0 if summary.ok else 1
+
+
+def _status(args) -> int:
+    import json
+
+    from medidiff.health import health
+
+    print(json.dumps(health(args.output), indent=2))
+    return 0
+
+
 def _listen(args) -> int:
     import signal
     import threading
@@ -267,7 +326,7 @@ def _listen(args) -> int:
 
 COMMANDS = {
     "inspect": _inspect, "run": _run, "stages": _stages, "train": _train, "evaluate": _evaluate,
-    "models": _models, "reader-study": _reader_study, "listen": _listen,
+    "models": _models, "reader-study": _reader_study, "listen": _listen, "batch": _batch, "status": _status,
 }
 
 

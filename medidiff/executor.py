@@ -15,8 +15,11 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.errors import InvalidDicomError
 
@@ -24,6 +27,9 @@ from medidiff.errors import InputError, MedidiffError
 from medidiff.journal import Journal
 from medidiff.output_folder import STATE_DIR, OutputFolder
 from medidiff.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from medidiff.io.discovery import Inventory
 
 log = logging.getLogger(__name__)
 LOCAL_REFUSALS = "refused-local.log"  # in OUT/.medidiff/: paths of unreadable files, not for sharing
@@ -94,16 +100,16 @@ class RunReport:
         return asdict(self) | {"ok": self.ok}
 
 
-def run_pipeline(
-    pipeline: Pipeline, input_path: str | Path, output_dir: str | Path, *, progress: bool = True
-) -> RunReport:
-    """Run ``pipeline`` over ``input_path`` into ``output_dir``; returns the report (also written).
+@contextmanager
+def opened_run(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
+               ) -> Iterator[tuple[OutputFolder, Inventory, RunReport]]:
+    """The start and end every run shares: the input checked, the output folder prepared and locked, its salt
+    in force, the input discovered (unreadable files in the report and the local log); yields (output
+    folder, inventory, report) and writes the timed report when the block ends without an error.
 
     Raises OutputError (before any work) when the output folder is inside the input, not writable, or
     in use by another run.
     """
-    from tqdm.auto import tqdm
-
     from medidiff.io.discovery import discover, open_source
     from medidiff.io.privacy import hash_identifier, output_salt
 
@@ -119,19 +125,31 @@ def run_pipeline(
         report = RunReport(pipeline.name, pipeline.digest, shown_input, str(output_dir))
         report.refused = [r.to_public_dict() for r in inventory.refused]
         _write_local_refusals(inventory.refused, out.state_dir)
+        yield out, inventory, report
+        report.seconds = time.perf_counter() - start
+        _write_report(report, out.path)
+
+
+def run_pipeline(
+    pipeline: Pipeline, input_path: str | Path, output_dir: str | Path, *, progress: bool = True
+) -> RunReport:
+    """Run ``pipeline`` over ``input_path`` into ``output_dir``; returns the report (also written).
+    Errors as :func:`opened_run`."""
+    from tqdm.auto import tqdm
+
+    with opened_run(pipeline, input_path, output_dir) as (out, inventory, report):
         journal = Journal(out.state_dir)
         try:
             bar = tqdm(inventory.series, desc=pipeline.name, unit="series", disable=not progress or None)
             for series in bar:
-                report.results.append(_process(pipeline, series, out, journal))
+                report.results.append(process_series(pipeline, series, out, journal))
         finally:
             journal.close()
-        report.seconds = time.perf_counter() - start
-        _write_report(report, out.path)
     return report
 
 
-def _process(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) -> SeriesResult:
+def process_series(pipeline: Pipeline, series, out: OutputFolder, journal: Journal) -> SeriesResult:
+    """Run one series (or radiograph) unless the journal and its manifest say it is done; record its state."""
     from medidiff.io.privacy import hash_identifier
 
     study = hash_identifier(series.study_uid)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 
 import pydicom
@@ -20,6 +19,7 @@ from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 
 from medidiff.output_folder import OutputFolder
 from tests.cli_runner import assert_user_error, medidiff
+from tests.disks import tiny_tmpfs
 from tests.orthanc import (
     LISTENER_AE,
     ORTHANC_AE,
@@ -141,14 +141,8 @@ def test_study_postponed_while_the_output_folder_is_busy_then_processed(tmp_path
 @pytest.fixture
 def tiny_disk(tmp_path):
     """``tmp_path/out`` on a 2 MB tmpfs (needs root to mount)."""
-    mount = tmp_path / "out"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs to simulate a full disk needs root")
-    try:
+    with tiny_tmpfs(tmp_path / "out", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_spool_disk_refuses_the_instance_and_keeps_serving(tiny_disk, tmp_path):
