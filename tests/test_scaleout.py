@@ -1,0 +1,50 @@
+"""`medidiff batch --workers 2`: a real Dask LocalCluster of two worker processes. The pipeline is built
+once per worker process, not per study; a worker killed mid-study has that study redone once, and it
+appears once in the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from contextlib import closing
+
+from medidiff.output_folder import check_manifest
+from tests.batch_stages import loads, recording_pipeline, starts
+from tests.cli_runner import CLI
+from tests.orthanc import wait_for
+from tests.studies import ct_series_copies
+
+STUDIES = 6
+
+
+def test_killed_worker_study_redone_once_pipeline_built_once_per_worker(tmp_path):
+    pipeline, env, log = recording_pipeline(tmp_path, hold_at=3)
+    ct_series_copies(tmp_path / "in", STUDIES)
+    out = tmp_path / "out"
+    batch = subprocess.Popen([*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(out), "--workers", "2"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held_pid, held_key = wait_for(lambda: log.exists() and len(starts(log)) >= 3 and starts(log)[2],
+                                  "the third study's start", 240)
+    os.kill(int(held_pid), signal.SIGKILL)  # the worker process holding that study, mid-study
+    (tmp_path / "release").touch()
+    stdout, stderr = batch.communicate(timeout=300)
+    assert batch.returncode == 0, stdout + stderr
+
+    keys = [key for _, key in starts(log)]
+    assert keys.count(held_key) == 2 and len(keys) == STUDIES + 1 and len(set(keys)) == STUDIES
+    with closing(sqlite3.connect(out / ".medidiff" / "queue.sqlite")) as db:
+        outcomes = db.execute("SELECT outcome, COUNT(*), COUNT(DISTINCT study) FROM history GROUP BY outcome").fetchall()
+    assert outcomes == [("done", STUDIES, STUDIES)]
+    folders = [p for p in out.glob("*/*") if p.is_dir() and p.parent.name != ".medidiff"]
+    assert len(folders) == STUDIES and all(check_manifest(f) is None for f in folders)
+
+    built = loads(log)  # the batch process validates the pipeline once; each worker process builds it once
+    workers = {pid for pid, _ in starts(log)}
+    assert len(built) == len(set(built)) and workers <= set(built) and held_pid in workers
+    assert 2 <= len(workers) <= 3 and len(built) <= 4 < STUDIES + 1
+    events = [json.loads(line) for line in stderr.splitlines()]  # JSON lines only: Dask's own logs held back
+    done = [str(e["worker"]) for e in events if e["event"] == "study_done"]
+    assert len(done) == STUDIES and set(done) <= workers
