@@ -29,15 +29,15 @@ TRAINING_NATURAL = ("brick", "grass", "gravel", "moon", "page", "text", "clock",
 HELD_OUT_NATURAL = ("camera", "astronaut", "coins")
 # (name, pydicom test file): real MR and CT of patients other than the training CT
 HELD_OUT_DICOM = (("shoulder MR 1024 (pydicom-data MR2)", "MR2_UNCR.dcm"),
-                  ("head MR 484 (pydicom MR-SIEMENS)", "MR-SIEMENS-DICOM-WithOverlays.dcm"),
-                  ("CT 128 (pydicom CT_small)", "CT_small.dcm"))
+                  ("abdomen MR 484 (pydicom MR-SIEMENS)", "MR-SIEMENS-DICOM-WithOverlays.dcm"),
+                  ("spine CT 128 (pydicom CT_small)", "CT_small.dcm"))
 
 
 def _unit(a: np.ndarray) -> torch.Tensor:
     """A grey image scaled to [0, 1] by its own 0.5 / 99.5 percentiles."""
     a = np.asarray(a, np.float32)
     lo, hi = np.percentile(a, (0.5, 99.5))
-    return torch.from_numpy(np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1))
+    return torch.from_numpy(np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32))
 
 
 def _natural(name: str) -> torch.Tensor:
@@ -56,9 +56,7 @@ def _dicom(filename: str) -> torch.Tensor:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns when it cannot reach its download mirror
-        path = get_testdata_file(filename)
+    path = get_testdata_file(filename, download=False)  # installed files only, never a download
     if path is None:
         raise InputError(f"{filename} is not installed; install the test extra (pip install 'medidiff[test]', "
                          "which brings pydicom-data)")
