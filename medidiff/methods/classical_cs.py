@@ -69,7 +69,11 @@ def fista_tv(op: Operator, y: torch.Tensor, lam: float = 0.003, iterations: int 
              prox_iterations: int = 10, x0: torch.Tensor | None = None) -> torch.Tensor:
     """FISTA-TV reconstruction (B, 1, H, W) from measurements ``y``, starting at ``x0`` (default: the
     pseudo-inverse). ``lam`` weighs TV against data fit, for images in [0, 1]; the step is
-    ``1 / ||A^T A||`` (1.01 x the power-iteration estimate, for safety)."""
+    ``1 / ||A^T A||`` (1.01 x the power-iteration estimate, for safety).
+
+    The defaults were the best of ``lam`` in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} on four training images
+    (128 px) for block CS at 10-50 % and MRI at 4x and 8x; at 1 % block CS ``lam = 0.01`` does better.
+    Smaller ``lam`` needs more iterations (``lam = 1e-3`` reaches its best only after ~300)."""
     step = 1.0 / (1.01 * operator_norm_squared(op))
     x = zero_filled(op, y) if x0 is None else x0
     z, t, dual = x, 1.0, None
