@@ -14,31 +14,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medidiff.datasets.cs_images import random_patches, training_images
 from medidiff.diffusion.gaussian import cosine_alphas_cumprod
 from medidiff.methods.base import read_component
+from medidiff.methods.cs_reconstruction import draw_operator
 from medidiff.methods.idm import build_idm
 from medidiff.nets.reversible_unet import ReversibleUNet
-from medidiff.physics.measurements import BlockCS, CartesianMRI, Operator, cartesian_mask
 from medidiff.train import TrainingTask, register_task
-
-
-def measurement_operator(spec: dict, image_shape: tuple[int, int], rng: np.random.Generator) -> Operator:
-    """An operator drawn from a config's ``measurement:`` spec: ``kind: block_cs`` (``ratios``,
-    ``block``, ``seed``: the fixed matrix) or ``kind: cartesian_mri`` (``accelerations``, ``masks``;
-    random masks drawn from ``rng``)."""
-    if spec["kind"] == "block_cs":
-        ratio = float(rng.choice(spec["ratios"]))
-        return BlockCS(ratio, image_shape, block=spec.get("block", 32), seed=spec.get("seed", 0))
-    if spec["kind"] == "cartesian_mri":
-        acceleration = int(rng.choice(spec["accelerations"]))
-        kind = str(rng.choice(spec.get("masks", ["random"])))
-        return CartesianMRI(cartesian_mask(image_shape, acceleration, kind, seed=int(rng.integers(2**31))))
-    raise ValueError(f"measurement kind {spec['kind']!r}: use block_cs or cartesian_mri")
 
 
 class _PatchTask(TrainingTask):
@@ -101,7 +86,7 @@ class IDMTask(_PatchTask):
 
     def step(self, step):
         x = self.patches()
-        operator = measurement_operator(self.cfg["measurement"], tuple(x.shape[-2:]), self.rng).to(self.device)
+        operator = draw_operator(self.cfg["measurement"], tuple(x.shape[-2:]), self.rng).to(self.device)
         loss = (self.net(operator(x), operator) - x).abs().mean()
         opt = self.optims["opt"]
         opt.zero_grad(set_to_none=True)

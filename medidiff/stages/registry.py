@@ -34,6 +34,7 @@ from dataclasses import dataclass
 STAGE_MODULES = (
     "medidiff.stages.basic",
     "medidiff.stages.bone_suppression",
+    "medidiff.stages.cs_reconstruction",
 )
 
 
