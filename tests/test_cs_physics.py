@@ -154,3 +154,16 @@ def test_bad_shapes_give_clear_errors():
         CartesianMRI(cartesian_mask((32, 32), 4), torch.ones(4, 32, 16, dtype=torch.complex64))
     with pytest.raises(InputError, match="mask kind"):
         cartesian_mask((32, 32), 4, "radial")
+
+
+@pytest.mark.parametrize("make", [lambda: BlockCS(0.1, (64, 64)),
+                                  lambda: CartesianMRI(cartesian_mask((64, 64), 4), birdcage_sensitivities((64, 64), 4))],
+                         ids=["block-cs", "mri-4-coils"])
+def test_operators_move_whole_to_another_device(make):
+    """``to`` moves every tensor the operator holds (the meta device stands in for a GPU)."""
+    op = make()
+    moved = op.to("meta")
+    x = torch.empty(2, 1, 64, 64, device="meta")
+    y = moved(x)
+    assert moved is op and y.device.type == "meta" and y.shape == (2, *op.measurement_shape)
+    assert op.project(x, y).device.type == "meta"

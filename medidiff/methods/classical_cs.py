@@ -54,9 +54,10 @@ def tv_prox(b: torch.Tensor, weight: float, iterations: int = 20,
     return b - weight * gradient_adjoint(p), p
 
 
-def operator_norm_squared(op: Operator, iterations: int = 20, seed: int = 0) -> float:
-    """``||A^T A||`` by power iteration from a seeded random image."""
-    x = torch.randn(1, 1, *op.image_shape, generator=torch.Generator().manual_seed(seed))
+def operator_norm_squared(op: Operator, iterations: int = 20, seed: int = 0,
+                          device: torch.device | str = "cpu") -> float:
+    """``||A^T A||`` by power iteration from a seeded random image (on ``device``, the operator's)."""
+    x = torch.randn(1, 1, *op.image_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     norm = 1.0
     for _ in range(iterations):
         x = op.adjoint(op(x))
@@ -74,7 +75,7 @@ def fista_tv(op: Operator, y: torch.Tensor, lam: float = 0.003, iterations: int 
     The defaults were the best of ``lam`` in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} on four training images
     (128 px) for block CS at 10-50 % and MRI at 4x and 8x; at 1 % block CS ``lam = 0.01`` does better.
     Smaller ``lam`` needs more iterations (``lam = 1e-3`` reaches its best only after ~300)."""
-    step = 1.0 / (1.01 * operator_norm_squared(op))
+    step = 1.0 / (1.01 * operator_norm_squared(op, device=y.device))
     x = zero_filled(op, y) if x0 is None else x0
     z, t, dual = x, 1.0, None
     with torch.no_grad():
