@@ -166,4 +166,6 @@ def test_operators_move_whole_to_another_device(make):
     x = torch.empty(2, 1, 64, 64, device="meta")
     y = moved(x)
     assert moved is op and y.device.type == "meta" and y.shape == (2, *op.measurement_shape)
+    held = [v for v in vars(op).values() if isinstance(v, torch.Tensor)]
+    assert held and all(v.device.type == "meta" for v in held)
     assert op.project(x, y).device.type == "meta"
