@@ -70,8 +70,9 @@ class CSReconstruction:
                     for kind in KINDS}
 
     def reconstruct(self, y: torch.Tensor, operator: Operator, method: str = "idm", *, ddnm_steps: int = 100,
-                    seed: int = 0) -> torch.Tensor:
-        """Images (B, 1, H, W) in [0, 1] units from measurements ``y`` of ``operator``."""
+                    seed: int = 0, tv_weight: float = 0.003) -> torch.Tensor:
+        """Images (B, 1, H, W) in [0, 1] units from measurements ``y`` of ``operator`` (``tv_weight``:
+        FISTA-TV's lambda)."""
         if method == "idm":
             kind = "block_cs" if isinstance(operator, BlockCS) else "cartesian_mri"
             return self.idm[kind](y, operator)
@@ -80,7 +81,7 @@ class CSReconstruction:
                 return ddnm(operator, y, lambda x, t: self.denoiser(x, t), self.alphas_cumprod, steps=ddnm_steps,
                             generator=torch.Generator().manual_seed(seed))
         if method == "fista_tv":
-            return fista_tv(operator, y)
+            return fista_tv(operator, y, lam=tv_weight)
         if method == "zero_filled":
             return zero_filled(operator, y)
         raise InputError(f"CS method {method!r} is not known; use one of {', '.join(METHODS)}")

@@ -74,7 +74,7 @@ class IDMTask(_PatchTask):
         denoiser = Path(m["denoiser"]).expanduser()
         dconfig, weights = read_component(denoiser.parent, denoiser.name)
         self.unet_config = dconfig["model"]["unet"]
-        self.net = build_idm(self.unet_config, m.get("steps", 3))
+        self.net = build_idm(self.unet_config, m.get("steps", 3), m.get("injectors", True))
         missing, unexpected = self.net.model_fn.net.load_state_dict({k: v.float() for k, v in weights.items()},
                                                                     strict=False)
         if unexpected or any("injectors" not in k for k in missing):
@@ -96,5 +96,5 @@ class IDMTask(_PatchTask):
 
     def export_config(self):
         m = self.cfg["model"]
-        return {"model": {"unet": self.unet_config, "steps": m.get("steps", 3)},
+        return {"model": {"unet": self.unet_config, "steps": m.get("steps", 3), "injectors": m.get("injectors", True)},
                 "measurement": self.cfg["measurement"], "images": "[0, 1]"}

@@ -93,10 +93,12 @@ class IDMNet(nn.Module):
         set_reversible(self, invertible)
 
 
-def build_idm(unet_config: dict, steps: int) -> IDMNet:
-    """An IDM chain around a fresh U-Net of ``unet_config`` with injectors for ``steps`` steps."""
+def build_idm(unet_config: dict, steps: int, injectors: bool = True) -> IDMNet:
+    """An IDM chain around a fresh U-Net of ``unet_config``, with injectors for ``steps`` steps
+    (``injectors=False``: the ablation without them)."""
     unet = ReversibleUNet(**unet_config)
-    unet.add_injectors(steps)
+    if injectors:
+        unet.add_injectors(steps)
     return IDMNet(unet, steps)
 
 
@@ -111,7 +113,8 @@ class IDM(Method):
     @classmethod
     def from_pretrained(cls, folder: Path, name: str = "idm") -> IDM:
         config, weights = read_component(folder, name)
-        net = build_idm(config["model"]["unet"], config["model"]["steps"])
+        m = config["model"]
+        net = build_idm(m["unet"], m["steps"], m.get("injectors", True))
         net.load_state_dict({k: v.float() for k, v in weights.items()})
         return cls(net, config, name)
 
