@@ -13,6 +13,8 @@ EPILOG = """examples:
   medidiff inspect datasets/samples/chest-dx-sample
   medidiff run bone-suppression datasets/samples/chest-dx-sample -o out/
   medidiff run pipelines/normalize-preview.yaml studies.zip -o out/
+  medidiff run normalize-preview --from dicomweb://pacs:8042/dicom-web --query ModalitiesInStudy=CT \
+      -o out/ --to dicomweb://pacs:8042/dicom-web
   medidiff stages
   medidiff train configs/bone_suppression/ldm.yaml
   medidiff evaluate bone-suppression --data synthetic-cxr:test:20 --baseline identity
@@ -36,6 +38,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_sending(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--to", metavar="DESTINATION", help="send the derived DICOM series to dicomweb://HOST:PORT/PATH "
+                        "(STOW-RS) or AE@HOST:PORT (C-STORE); what cannot be delivered stays queued in "
+                        "OUT/.medidiff/outbox/ and is sent by the next run with --to")
+    parser.add_argument("--send-tries", type=_positive_int, default=3,
+                        help="delivery rounds before leaving the rest queued (default 3; 1, 2, 4 s apart)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medidiff",
@@ -53,12 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="folder, .zip, DICOMDIR, single DICOM file or .nii[.gz]/.nrrd/.mha volume")
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    run = sub.add_parser("run", help="run a pipeline over every matching series of INPUT")
+    run = sub.add_parser("run", help="run a pipeline over every matching series of INPUT (or of a DICOMweb "
+                         "server's studies)")
     run.add_argument("pipeline", help="a pipeline YAML file or a built-in name (see pipelines/)")
-    run.add_argument("input", help="folder, .zip, DICOMDIR, single DICOM file or .nii[.gz]/.nrrd/.mha volume "
-                     "(never modified; volumes are written as NIfTI, never as DICOM)")
+    run.add_argument("input", nargs="?", help="folder, .zip, DICOMDIR, single DICOM file or .nii[.gz]/.nrrd/.mha "
+                     "volume (never modified; volumes are written as NIfTI, never as DICOM); or use --from")
     run.add_argument("-o", "--output", required=True, help="output folder (created; re-runs resume)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--from", dest="source", metavar="dicomweb://HOST:PORT/PATH",
+                     help="instead of INPUT: the studies of a DICOMweb server that match --query (QIDO-RS search, "
+                     "WADO-RS retrieve into a temporary folder, always removed)")
+    run.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
+                     help="a QIDO-RS filter for --from, e.g. PatientID=123, StudyDate=20240101-20241231, "
+                     "ModalitiesInStudy=CT (repeatable)")
+    _add_sending(run)
 
     sub.add_parser("stages", help="list every available stage with its parameters")
 
@@ -136,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--retry-delay", type=float, default=5.0,
                        help="seconds before the first retry of a failed study, doubled each time (default 5)")
     batch.add_argument("--retry-quarantined", action="store_true", help="give quarantined studies a new chance")
+    _add_sending(batch)
 
     status = sub.add_parser("status", help="health and metrics of an output folder (JSON): processed, failed, "
                             "queue length, seconds per study, quarantine, outbox")
@@ -153,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("-o", "--output", required=True, help="output folder (spool and outbox in OUT/.medidiff/)")
     listen.add_argument("--allow", action="append", metavar="CALLING_AE",
                         help="accept associations only from this calling AE title (repeatable; default: any)")
-    listen.add_argument("--destination", metavar="AE@HOST:PORT", help="send derived series here by C-STORE")
+    listen.add_argument("--destination", metavar="AE@HOST:PORT", help="send derived series here by C-STORE "
+                        "(or by STOW-RS to a dicomweb://HOST:PORT/PATH)")
     listen.add_argument("--idle-seconds", type=float, default=30.0,
                         help="a study is complete after this long without a new instance (default 30)")
     return parser
@@ -184,14 +204,51 @@ def _inspect(args) -> int:
 
 
 def _run(args) -> int:
+    from contextlib import nullcontext
+
+    from medidiff.errors import InputError
+
+    if (args.input is None) == (args.source is None):
+        raise InputError("give either INPUT or --from dicomweb://HOST:PORT/PATH")
+    if args.query and not args.source:
+        raise InputError("--query filters the studies of --from; give --from dicomweb://HOST:PORT/PATH or drop --query")
+    destination = _destination(args.to)
+    studies = nullcontext(args.input)
+    if args.source:
+        from medidiff.dicomweb import http_url, parse_query, retrieved_studies
+
+        studies = retrieved_studies(http_url(args.source, "--from"), parse_query(args.query))
     from medidiff.executor import run_pipeline
     from medidiff.pipeline import Pipeline
 
     pipeline = Pipeline.from_yaml(args.pipeline)
-    report = run_pipeline(pipeline, args.input, args.output, progress=not args.no_progress)
+    with studies as input_path:
+        report = run_pipeline(pipeline, input_path, args.output, progress=not args.no_progress)
     print(report.summary())
     print(f"report: {args.output}/report.json")
+    if destination and _send(report.results, args.output, destination, args.send_tries):
+        return 1
     return 0 if report.ok else 1
+
+
+def _destination(text: str | None):
+    """The --to destination, checked before any work; None without --to."""
+    from medidiff.dicomnet.outbox import parse_destination
+
+    return parse_destination(text) if text else None
+
+
+def _send(results, output: str, destination, tries: int) -> int:
+    """Deliver the new outputs (and earlier leftovers) to ``destination``; prints and returns how many wait."""
+    from medidiff.dicomnet.outbox import deliver_outputs
+
+    pending, folder = deliver_outputs(results, output, destination, tries)
+    if pending:
+        print(f"medidiff: {pending} instance(s) could not be delivered to {destination} yet; they wait in {folder} "
+              "and are sent by the next run with the same --to and -o", file=sys.stderr)
+    else:
+        print(f"sent to {destination}; nothing waiting")
+    return pending
 
 
 def _stages(args) -> int:
@@ -278,6 +335,7 @@ def _batch(args) -> int:
         raise InputError(f"--workers {args.workers}: give 0 (in this process) or more worker processes")
     if args.retry_delay < 0:
         raise InputError(f"--retry-delay {args.retry_delay}: give 0 or more seconds")
+    destination = _destination(args.to)
     pipeline = Pipeline.from_yaml(args.pipeline)
     if args.scheduler or args.workers:
         from medidiff.scaleout import DaskExecutor
@@ -290,6 +348,8 @@ def _batch(args) -> int:
                             retry_delay=args.retry_delay, retry_quarantined=args.retry_quarantined)
     print(summary.text())
     print(f"report: {args.output}/report.json; health: medidiff status {args.output}")
+    if destination and _send(summary.report.results, args.output, destination, args.send_tries):
+        return 1
     return 0 if summary.ok else 1
 
 
@@ -310,10 +370,10 @@ def _listen(args) -> int:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
     from medidiff.dicomnet.listener import Listener
-    from medidiff.dicomnet.outbox import Destination
+    from medidiff.dicomnet.outbox import parse_destination
     from medidiff.pipeline import Pipeline
 
-    destination = Destination.parse(args.destination) if args.destination else None
+    destination = parse_destination(args.destination, args.ae_title) if args.destination else None
     pipeline = Pipeline.from_yaml(args.pipeline)
     listener = Listener(pipeline, args.output, ae_title=args.ae_title, port=args.port, bind=args.bind,
                         allowed=args.allow, destination=destination, idle_seconds=args.idle_seconds)

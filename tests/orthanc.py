@@ -1,7 +1,8 @@
 """A real Orthanc (Debian package) as the PACS and `medidiff listen` in a subprocess, on loopback.
 
-Shared by tests/test_dicom_listener.py and benchmarks/dicom_listener.py: start both, push studies by
-C-STORE (pynetdicom SCU), read what arrived in Orthanc from its REST API.
+Shared by tests/test_dicom_listener.py, tests/test_dicomweb.py and benchmarks/: start both, push studies
+by C-STORE (pynetdicom SCU) or upload them over REST, read what arrived in Orthanc from its REST API.
+Orthanc serves DICOMweb under /dicom-web/ with the orthanc-dicomweb plugin (``dicomweb=True``).
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from tests.cli_runner import CLI
 
 LISTENER_AE, PUSHER_AE, ORTHANC_AE = "MEDIDIFF", "MODALITY", "ORTHANC"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DERIVED_DESCRIPTION = "medidiff normalized 256px"  # pipelines/normalize-preview.yaml
 
 
-def orthanc_binary() -> str | None:
-    """The Orthanc executable, installed with apt-get when missing; None when that is impossible."""
-    if not shutil.which("Orthanc"):
+def orthanc_binary(dicomweb: bool = False) -> str | None:
+    """The Orthanc executable (with its DICOMweb plugin if asked), installed with apt-get when missing; None
+    when that is impossible."""
+    if not shutil.which("Orthanc") or dicomweb and not DICOMWEB_PLUGIN.is_file():
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "orthanc"], capture_output=True, timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "orthanc", "orthanc-dicomweb"], capture_output=True,
+                           timeout=600)
+    if dicomweb and not DICOMWEB_PLUGIN.is_file():
+        return None
     return shutil.which("Orthanc")
 
 
@@ -54,14 +60,17 @@ def wait_for(condition, what: str, seconds: float = 120.0, log: Path | None = No
 
 
 @contextlib.contextmanager
-def orthanc(binary: str, folder: Path, dicom_port: int, listener_port: int):
-    """A throw-away Orthanc that accepts C-STORE from the listener's AE only; yields its REST URL."""
-    http_port = free_port()
+def orthanc(binary: str, folder: Path, dicom_port: int, listener_port: int, *, http_port: int | None = None,
+            dicomweb: bool = False):
+    """A throw-away Orthanc that accepts C-STORE from the listener's AE only (and DICOMweb under /dicom-web/
+    when asked); yields its REST URL. Its database in ``folder`` outlives it (a restart keeps the studies)."""
+    http_port = http_port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "medidiff-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
         "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": ORTHANC_AE, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "Plugins": [], "DicomAlwaysAllowStore": False,
+        "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"}, "DicomAlwaysAllowStore": False,
         "DicomCheckModalityHost": True, "DicomModalities": {"medidiff": [LISTENER_AE, "127.0.0.1", listener_port]},
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
@@ -84,6 +93,14 @@ def get(url: str, path: str):
             return json.load(response)
     except OSError:
         return None
+
+
+def upload(url: str, paths: list[Path]) -> None:
+    """Store DICOM files in Orthanc through its REST API (as a modality's earlier sends would have)."""
+    for path in paths:
+        request = urllib.request.Request(url + "/instances", data=path.read_bytes(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["Status"] in ("Success", "AlreadyStored")
 
 
 def derived_series(url: str) -> list[dict]:

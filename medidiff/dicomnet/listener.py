@@ -4,7 +4,7 @@ Received image instances go to the spool (:mod:`~medidiff.dicomnet.studies`); a 
 instance for ``idle_seconds`` is run with :func:`medidiff.executor.run_pipeline` from its spool folder
 into the output folder (whose journal skips series already done, so a study sent twice is not redone);
 every DICOM file of a newly done series is queued in the outbox (:mod:`~medidiff.dicomnet.outbox`)
-and sent to the destination. Associations from calling AE titles outside ``allowed`` are rejected,
+and sent to the destination (C-STORE, or STOW-RS for a DICOMweb URL). Associations from calling AE titles outside ``allowed`` are rejected,
 and SOP classes other than images are not accepted.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from medidiff.dicomnet.events import emit
-from medidiff.dicomnet.outbox import Destination, Outbox
+from medidiff.dicomnet.outbox import Outbox
 from medidiff.dicomnet.studies import StudySpool
 from medidiff.errors import InputError, MedidiffError
 from medidiff.output_folder import STATE_DIR, OutputFolder
@@ -47,7 +47,7 @@ class Listener:
     """The SCP and its processing loop; :meth:`serve` runs until ``stop`` is set."""
 
     def __init__(self, pipeline: Pipeline, output: str | Path, *, ae_title: str, port: int, bind: str = "0.0.0.0",
-                 allowed: list[str] | None = None, destination: Destination | None = None,
+                 allowed: list[str] | None = None, destination=None,
                  idle_seconds: float = 30.0):
         self.pipeline, self.output = pipeline, Path(output)
         self.ae_title = check_ae_title(ae_title, "--ae-title")
@@ -67,7 +67,7 @@ class Listener:
                 from None
         with work.lock(), output_salt(self.output / STATE_DIR) as salt:
             spool = StudySpool(self.work_dir / "incoming", salt)
-            outbox = self.destination and Outbox(self.work_dir / "outbox", self.destination, self.ae_title)
+            outbox = self.destination and Outbox(self.work_dir / "outbox", self.destination)
             server = self._start_server(spool)
             try:
                 while not stop.is_set():
@@ -126,8 +126,6 @@ class Listener:
 
     def _process(self, study: str, spool: StudySpool, outbox: Outbox | None) -> None:
         """Run the pipeline on one complete study; queue the DICOM files of newly done series."""
-        from pydicom.misc import is_dicom
-
         from medidiff.executor import run_pipeline
 
         started = time.time()
@@ -139,13 +137,7 @@ class Listener:
             spool.touch(study)
             return
         spool.mark_processed(study, started)
-        queued = 0
-        for result in report.results:
-            if result.state == "done" and outbox:
-                for name in result.outputs:
-                    if is_dicom(self.output / name):
-                        outbox.add(self.output / name, study)
-                        queued += 1
+        queued = outbox.add_outputs(report.results, self.output) if outbox else 0
         emit("study_processed", study=study, **{state.replace(" ", "_"): report.count(state) for state in
              ("done", "already done", "failed", "skipped")}, unreadable=len(report.refused), queued=queued,
              seconds=round(report.seconds, 3),
