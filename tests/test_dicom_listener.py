@@ -161,3 +161,36 @@ def test_full_spool_disk_refuses_the_instance_and_keeps_serving(tiny_disk, tmp_p
         assert push(study, port) == [0x0000]
         processed = wait_for(lambda: events(log, "study_processed"), "the study once there is room", log=log)
     assert processed[0]["done"] == 1
+
+
+def _associate_rq(items: bytes, called: bytes = b"MEDIDIFF".ljust(16), calling: bytes = PUSHER_AE.encode().ljust(16),
+                  length_delta: int = 0) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with the given variable items (its length field off by ``length_delta``)."""
+    body = b"\x00\x01\x00\x00" + called + calling + bytes(32) + items
+    return b"\x01\x00" + (len(body) + length_delta).to_bytes(4, "big") + body
+
+
+MALFORMED_ASSOCIATIONS = {
+    "unknown item type": _associate_rq(b"\xee\x00\x00\x04abcd"),
+    "item longer than the PDU": _associate_rq(b"\x10\x00\x00\xff" + b"1.2.840.10008.3.1.1.1"),
+    "PDU length beyond the data": _associate_rq(b"", length_delta=4096),
+    "no presentation context": _associate_rq(b"\x10\x00\x00\x15" + b"1.2.840.10008.3.1.1.1"),
+    "truncated header": b"\x01\x00\x00\x00",
+    "unknown PDU type": b"\x09\x00\x00\x00\x00\x04abcd",
+}
+
+
+def test_malformed_associations_are_dropped_and_the_listener_keeps_serving(tmp_path):
+    port = free_port()
+    with listener(tmp_path, port) as log:
+        for name, pdu in MALFORMED_ASSOCIATIONS.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(pdu)
+                sock.shutdown(socket.SHUT_WR)
+                answer = sock.recv(1024)  # an A-ASSOCIATE-RJ or A-ABORT, or the connection closed
+            assert answer[:1] in (b"", b"\x03", b"\x07"), (name, answer)
+            assert echo(port, PUSHER_AE), name
+        study = ct_series_copies(tmp_path / "in", 1)
+        assert push(study, port) == [0x0000]
+        wait_for(lambda: events(log, "study_processed"), "the study after the malformed associations", log=log)
+    assert "Traceback" not in log.read_text()
