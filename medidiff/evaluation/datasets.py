@@ -5,6 +5,7 @@ Data specs (CLI ``--data``)::
     synthetic-cxr:test:20        20 phantom pairs from the held-out TEST_SEEDS, 512 px
     synthetic-cxr:test:20:256    ... at 256 px
     drr-cxr:test:20:256          20 DRR pairs (medidiff.datasets.drr, real chest CT) from its TEST_SEEDS
+    cs-held-out:test:6:256       the CS held-out images (medidiff.datasets.cs_images), each its own reference
     path/to/folder               DICOM studies; reference/ holds one reference series per study,
                                  matched by StudyInstanceUID (the reference folder is not evaluated)
 
@@ -149,19 +150,10 @@ def phantom_data(spec: str, *, generator: str, size: int = 512) -> EvaluationDat
     (``make_pair(seed, size)`` -> ``{"cxr", "soft"}`` in [0, 1])."""
     import importlib
 
-    kind, parts = spec.split(":", 1)[0], spec.split(":")
-    try:
-        if len(parts) not in (3, 4) or parts[1] != "test":
-            raise ValueError
-        count = int(parts[2])
-        size = int(parts[3]) if len(parts) == 4 else size
-    except ValueError:
-        raise InputError(f"--data {spec!r}: expected {kind}:test:N or {kind}:test:N:SIZE") from None
+    kind = spec.split(":", 1)[0]
     module = importlib.import_module(generator)
-    seeds = list(module.TEST_SEEDS)
-    if not 1 <= count <= len(seeds) or not 32 <= size <= 4096:
-        raise InputError(f"--data {spec!r}: N must be 1..{len(seeds)} and SIZE 32..4096")
-    seeds = seeds[:count]
+    count, size = _count_and_size(spec, len(module.TEST_SEEDS), size)
+    seeds = list(module.TEST_SEEDS)[:count]
     digest = hashlib.sha256(Path(module.__file__).read_bytes() + f"{seeds[0]}:{count}:{size}".encode()).hexdigest()[:16]
 
     def cases() -> Iterator[dict]:
@@ -172,6 +164,41 @@ def phantom_data(spec: str, *, generator: str, size: int = 512) -> EvaluationDat
 
     name = f"{kind}-test-{count}-{size}px"
     return EvaluationData(name, f"medidiff://{kind}:test:{count}:{size}", digest, count, cases)
+
+
+def _count_and_size(spec: str, available: int, size: int) -> tuple[int, int]:
+    """N and SIZE of a ``<kind>:test:N[:SIZE]`` spec, checked."""
+    kind, parts = spec.split(":", 1)[0], spec.split(":")
+    try:
+        if len(parts) not in (3, 4) or parts[1] != "test":
+            raise ValueError
+        count = int(parts[2])
+        size = int(parts[3]) if len(parts) == 4 else size
+    except ValueError:
+        raise InputError(f"--data {spec!r}: expected {kind}:test:N or {kind}:test:N:SIZE") from None
+    if not 1 <= count <= available or not 32 <= size <= 4096:
+        raise InputError(f"--data {spec!r}: N must be 1..{available} and SIZE 32..4096")
+    return count, size
+
+
+def cs_held_out_data(spec: str, *, size: int = 256) -> EvaluationData:
+    """``cs-held-out:test:N[:SIZE]``: the first N images of the fixed CS held-out set
+    (:func:`medidiff.datasets.cs_images.held_out_images`), each its own reference: a CS pipeline
+    measures the image and reconstructs it, and is scored against the fully sampled image."""
+    from medidiff.datasets import cs_images
+
+    count, size = _count_and_size(spec, len(cs_images.HELD_OUT_DICOM) + len(cs_images.HELD_OUT_NATURAL), size)
+    digest = hashlib.sha256(Path(cs_images.__file__).read_bytes() + f"{count}:{size}".encode()).hexdigest()[:16]
+
+    def cases() -> Iterator[dict]:
+        for seed, (name, image) in enumerate(cs_images.held_out_images(size)[:count]):
+            source = SyntheticSource(seed, rows=size, columns=size, modality=next((m for m in ("MR", "CT") if f" {m} " in name), "OT"),
+                                     body_part="", view_position="", image_type=("ORIGINAL", "PRIMARY"),
+                                     series_description=name)
+            yield _item(image[0, 0], image[0, 0], source)
+
+    return EvaluationData(f"cs-held-out-{count}-{size}px", f"medidiff://cs-held-out:test:{count}:{size}",
+                          digest, count, cases)
 
 
 def _item(image, reference, source: SyntheticSource) -> dict:
@@ -227,3 +254,4 @@ def dicom_data(root: Path) -> EvaluationData:
 
 register_data_spec("synthetic-cxr", functools.partial(phantom_data, generator="medidiff.datasets.chest_phantom"))
 register_data_spec("drr-cxr", functools.partial(phantom_data, generator="medidiff.datasets.drr"))
+register_data_spec("cs-held-out", cs_held_out_data)
