@@ -54,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (never patient data)")
+    parser.add_argument("--config", metavar="FILE", help="settings file (YAML, one mapping of options per command; "
+                        "default $MEDIDIFF_CONFIG); MEDIDIFF_<COMMAND>_<OPTION> variables override it, flags override both")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices
 
     inspect = sub.add_parser("inspect", help="list the studies and series in a folder, zip, DICOMDIR or volume",
                              description="List studies and series (identifiers hashed) and every file that "
@@ -390,8 +393,32 @@ COMMANDS = {
 }
 
 
+def _command_and_config(argv: list[str]) -> tuple[str | None, str | None]:
+    """The command named in ``argv`` and the --config file given before it, without parsing the rest."""
+    config, tokens = None, iter(argv)
+    for token in tokens:
+        if token == "--config":
+            config = next(tokens, None)
+        elif token.startswith("--config="):
+            config = token.split("=", 1)[1]
+        elif not token.startswith("-"):
+            return token, config
+    return None, config
+
+
 def main(argv: list[str] | None = None) -> int:
+    from medidiff import settings
+    from medidiff.errors import MedidiffError
+
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, config = _command_and_config(argv)
+    if command in parser.commands:
+        try:
+            settings.apply(parser.commands[command], command, config)
+        except MedidiffError as exc:
+            print(f"medidiff {command}: error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -399,8 +426,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:  # pydicom warns about every sloppy header it reads or copies: noise in batch logs
         logging.getLogger("pydicom").setLevel(logging.ERROR)
-    from medidiff.errors import MedidiffError
-
     try:
         return COMMANDS[args.command](args)
     except MedidiffError as exc:
