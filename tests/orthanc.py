@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 
 from tests.cli_runner import CLI
 
@@ -103,13 +103,13 @@ def upload(url: str, paths: list[Path]) -> None:
             assert json.load(response)["Status"] in ("Success", "AlreadyStored")
 
 
-def derived_series(url: str) -> list[dict]:
-    """The series medidiff wrote into Orthanc: [{study_uid, instances, image_type}]."""
+def derived_series(url: str, description: str = DERIVED_DESCRIPTION) -> list[dict]:
+    """The series medidiff wrote into Orthanc (by their SeriesDescription): [{study_uid, instances, image_type}]."""
     found = []
     for study in get(url, "/studies?expand") or []:
         for series_id in study["Series"]:
             series = get(url, f"/series/{series_id}")
-            if series["MainDicomTags"].get("SeriesDescription") == DERIVED_DESCRIPTION:
+            if series["MainDicomTags"].get("SeriesDescription") == description:
                 tags = get(url, f"/instances/{series['Instances'][0]}/simplified-tags")
                 found.append({"study_uid": study["MainDicomTags"]["StudyInstanceUID"],
                               "instances": len(series["Instances"]), "image_type": tags.get("ImageType", "")})
@@ -117,10 +117,11 @@ def derived_series(url: str) -> list[dict]:
 
 
 @contextlib.contextmanager
-def listener(folder: Path, port: int, destination: str | None = None, idle_seconds: float = 1.0):
-    """`medidiff listen normalize-preview` into ``folder/out``; yields its JSON-lines log; stops it with SIGTERM
-    and checks that it stopped cleanly."""
-    args = [*CLI, "listen", "normalize-preview", "--ae-title", LISTENER_AE, "--port", str(port), "--bind",
+def listener(folder: Path, port: int, destination: str | None = None, idle_seconds: float = 1.0,
+             pipeline: str = "normalize-preview"):
+    """`medidiff listen PIPELINE` into ``folder/out``; yields its JSON-lines log; stops it with SIGTERM and checks
+    that it stopped cleanly."""
+    args = [*CLI, "listen", pipeline, "--ae-title", LISTENER_AE, "--port", str(port), "--bind",
             "127.0.0.1", "-o", str(folder / "out"), "--allow", PUSHER_AE, "--idle-seconds", str(idle_seconds)]
     if destination:
         args += ["--destination", destination]
@@ -158,11 +159,14 @@ def echo(port: int, calling_ae: str) -> bool:
 
 
 def push(paths: list[Path], port: int) -> list[int]:
-    """C-STORE the CT files ``paths`` to the listener over one association; the status of each."""
+    """C-STORE the image files ``paths`` to the listener over one association (a presentation context per SOP
+    class and transfer syntax among them); the status of each."""
+    datasets = [pydicom.dcmread(path) for path in paths]
     ae = AE(ae_title=PUSHER_AE)
-    ae.add_requested_context(CTImageStorage)
+    for sop_class, syntax in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title=LISTENER_AE)
     assert assoc.is_established
-    statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in paths]
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
     assoc.release()
     return statuses
