@@ -20,6 +20,7 @@ from pathlib import Path
 
 from medidiff.batch_queue import WorkQueue
 from medidiff.dicomnet.events import emit
+from medidiff.dicomnet.outbox import Outbox, outbox_folder
 from medidiff.executor import RunReport, SeriesResult, opened_run, process_series
 from medidiff.journal import Journal
 from medidiff.output_folder import OutputFolder
@@ -44,6 +45,7 @@ class StudyOutcome:
     """The per-series results of one attempt (hashed keys only) and the worker's process id."""
 
     study: str
+    output: str = ""
     results: list[SeriesResult] = field(default_factory=list)
     worker_pid: int = 0
 
@@ -70,7 +72,7 @@ def process_study(task: StudyTask) -> StudyOutcome:
 
     out = OutputFolder(task.output)
     pipeline = cached_pipeline(task.pipeline_text, task.pipeline_source)
-    outcome = StudyOutcome(task.study, worker_pid=os.getpid())
+    outcome = StudyOutcome(task.study, task.output, worker_pid=os.getpid())
     with output_salt(out.state_dir):
         try:
             journal = Journal(out.state_dir)
@@ -122,6 +124,8 @@ class BatchSummary:
     already_done: int = 0
     retried: int = 0
     quarantined: list[dict] = field(default_factory=list)
+    outbox: Outbox | None = None  # with a destination
+    waiting: int = 0  # instances left in the outbox
 
     @property
     def ok(self) -> bool:
@@ -146,17 +150,22 @@ def study_digest(series: list) -> str:
 
 
 def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path, executor, *,
-              max_attempts: int = 3, retry_delay: float = 5.0, retry_quarantined: bool = False) -> BatchSummary:
+              max_attempts: int = 3, retry_delay: float = 5.0, retry_quarantined: bool = False,
+              destination=None, send_tries: int = 3) -> BatchSummary:
     """Queue every study of ``input_path`` and run them on ``executor`` (:class:`InProcess` or
-    :class:`medidiff.scaleout.DaskExecutor`) until each is done or quarantined."""
+    :class:`medidiff.scaleout.DaskExecutor`) until each is done or quarantined. With a ``destination``, the
+    DICOM files of each attempt's newly done series go to the output folder's outbox as the attempt is
+    recorded, and are delivered at the end (``send_tries`` rounds; the rest waits in the outbox)."""
     from medidiff.io.privacy import hash_identifier
 
     with opened_run(pipeline, input_path, output_dir) as (out, inventory, report):
         studies = {hash_identifier(uid): [replace(s, keepalive=None) for s in series]
                    for uid, series in inventory.studies().items()}
         queue = WorkQueue(out.state_dir, pipeline.digest, max_attempts=max_attempts, first_delay=retry_delay)
+        summary = BatchSummary(report, studies=len(studies))
+        if destination:
+            summary.outbox = Outbox(outbox_folder(out.state_dir, destination), destination, first_delay=1.0)
         try:
-            summary = BatchSummary(report, studies=len(studies))
             for study in queue.sync({k: study_digest(v) for k, v in studies.items()},
                                     intact=lambda study: _outputs_intact(study, studies[study], pipeline, out),
                                     retry_quarantined=retry_quarantined):
@@ -165,8 +174,12 @@ def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
             summary.already_done = sum(queue.state(s) == "done" for s in studies) - summary.done_now
             summary.quarantined = [{"study": s, "attempts": queue.item(s)["attempts"], "reason": queue.item(s)["reason"]}
                                    for s in studies if queue.state(s) == "quarantined"]
+            if summary.outbox:
+                summary.waiting = summary.outbox.deliver_with_retries(send_tries)
         finally:
             queue.close()
+            if summary.outbox:
+                summary.outbox.close()
         out.remove_leftovers()  # folders of attempts whose worker was killed
     emit("batch_finished", studies=summary.studies, done=summary.done_now, already_done=summary.already_done,
          quarantined=len(summary.quarantined), seconds=round(report.seconds, 3))
@@ -216,6 +229,9 @@ def _record(queue: WorkQueue, study: str, future, summary: BatchSummary) -> None
     else:
         error = "; ".join(outcome.failures)[:REASON_LIMIT]
     seconds = round(sum(r.seconds for r in outcome.results), 3) if outcome else 0.0
+    if outcome and summary.outbox:  # before the attempt is recorded (a batch killed before this line does not send
+        # the series its last attempt finished: the redo finds them already done)
+        summary.outbox.add_outputs(outcome.results, Path(outcome.output))
     state = queue.finish(study, ok=not error, reason=error, seconds=seconds)
     if outcome and (state != "pending"):  # the report shows the final attempt of each study
         summary.report.results.extend(outcome.results)

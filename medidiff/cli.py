@@ -229,8 +229,11 @@ def _run(args) -> int:
         report = run_pipeline(pipeline, input_path, args.output, progress=not args.no_progress)
     print(report.summary())
     print(f"report: {args.output}/report.json")
-    if destination and _send(report.results, args.output, destination, args.send_tries):
-        return 1
+    if destination:
+        from medidiff.dicomnet.outbox import deliver_outputs
+
+        if _sent(*deliver_outputs(report.results, args.output, destination, args.send_tries), destination):
+            return 1
     return 0 if report.ok else 1
 
 
@@ -241,11 +244,8 @@ def _destination(text: str | None):
     return parse_destination(text) if text else None
 
 
-def _send(results, output: str, destination, tries: int) -> int:
-    """Deliver the new outputs (and earlier leftovers) to ``destination``; prints and returns how many wait."""
-    from medidiff.dicomnet.outbox import deliver_outputs
-
-    pending, folder = deliver_outputs(results, output, destination, tries)
+def _sent(pending: int, folder, destination) -> int:
+    """Say whether everything reached ``destination``; returns how many instances wait in ``folder``."""
     if pending:
         print(f"medidiff: {pending} instance(s) could not be delivered to {destination} yet; they wait in {folder} "
               "and are sent by the next run with the same --to and -o", file=sys.stderr)
@@ -348,10 +348,11 @@ def _batch(args) -> int:
         executor = InProcess(pipeline)
     with executor:
         summary = run_batch(pipeline, args.input, args.output, executor, max_attempts=args.max_attempts,
-                            retry_delay=args.retry_delay, retry_quarantined=args.retry_quarantined)
+                            retry_delay=args.retry_delay, retry_quarantined=args.retry_quarantined,
+                            destination=destination, send_tries=args.send_tries)
     print(summary.text())
     print(f"report: {args.output}/report.json; health: medidiff status {args.output}")
-    if destination and _send(summary.report.results, args.output, destination, args.send_tries):
+    if destination and _sent(summary.waiting, summary.outbox.root, destination):
         return 1
     return 0 if summary.ok else 1
 

@@ -55,6 +55,12 @@ def test_query_retrieve_run_and_store_back(orthanc_path, tmp_path, tmpdir_env):
         nothing = medidiff("run", "normalize-preview", "--from", service, "--query", "PatientID=P9", "-o",
                            tmp_path / "out", env=tmpdir_env)
         assert_user_error(nothing, 2, "no study on", "matches the query")
+
+        (batch_study,) = ct_series_copies(tmp_path / "batch-in", 1)
+        batch = medidiff("batch", "normalize-preview", tmp_path / "batch-in", "-o", tmp_path / "batch-out",
+                         "--workers", "0", "--to", service)
+        assert batch.returncode == 0 and "nothing waiting" in batch.stdout, batch.stdout + batch.stderr
+        assert pydicom.dcmread(batch_study).StudyInstanceUID in {d["study_uid"] for d in derived_series(url)}
     assert not list((tmp_path / "tmp").iterdir())  # every retrieved study was removed
     assert "P1" not in result.stdout + result.stderr
 
