@@ -41,8 +41,8 @@ def test_unknown_method_and_kind_are_user_errors(models):
         make_operator("radial", (32, 32))
 
 
-def test_held_out_table_has_every_setting_and_method(models):
-    rows = evaluate_held_out(models, 64, ddnm_steps=2,
+def test_held_out_table_has_every_setting_and_method():
+    rows = evaluate_held_out(model_dir("cs_reconstruction"), 64, ddnm_steps=2, jobs=2,
                              settings={"block CS 30 %": {"kind": "block_cs", "ratio": 0.3},
                                        "MRI 8x random": {"kind": "cartesian_mri", "acceleration": 8, "mask": "random"}})
     assert {(r["setting"], r["method"]) for r in rows} == {

@@ -5,14 +5,16 @@ the fixed held-out images (:func:`medidiff.datasets.cs_images.held_out_images`: 
 other patients and natural images, never trained on) with block CS at 1/4/10/30/50 % and single-coil
 Cartesian MRI at 4x/8x (random and equispaced masks), reconstructs them with zero-filled, FISTA-TV,
 DDNM and IDM (:class:`medidiff.methods.cs_reconstruction.CSReconstruction`), and writes mean PSNR/SSIM
-and CPU seconds per image to ``eval_held_out.json`` / ``.md`` in the model folder (card refreshed).
+and CPU seconds per image (one thread) to ``eval_held_out.json`` / ``.md`` in the model folder (card refreshed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,31 +36,45 @@ LABELS = {"zero_filled": "zero-filled / A^+ y", "fista_tv": "FISTA-TV (100 it.)"
           "idm": "IDM (3 steps)"}
 
 
-def evaluate(models: CSReconstruction, size: int, ddnm_steps: int, settings: dict[str, dict] = SETTINGS,
-             methods: tuple[str, ...] = METHODS) -> list[dict]:
-    """One row per (setting, method): mean PSNR, SSIM and seconds per image over the held-out images."""
-    images = held_out_images(size)
-    rows = []
-    for setting, spec in settings.items():
-        for method in methods:
-            scores, seconds = [], 0.0
-            for i, (_, x) in enumerate(images):
-                op = make_operator(spec["kind"], (size, size), seed=i,
-                                   **{k: v for k, v in spec.items() if k != "kind"})
-                y = op(x)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    out = models.reconstruct(y, op, method, ddnm_steps=ddnm_steps, seed=i,
-                                             tv_weight=TV_WEIGHT.get(setting, 0.003)).clamp(0, 1)
-                seconds += time.perf_counter() - start
-                scores.append((psnr(out, x).item(), ssim(out, x).item()))
-            psnrs, ssims = zip(*scores, strict=True)
-            rows.append({"setting": setting, "method": method, "psnr": sum(psnrs) / len(psnrs),
-                         "ssim": sum(ssims) / len(ssims), "seconds": seconds / len(images),
-                         "per_image_psnr": list(psnrs)})
-            print(f"{setting:22s} {method:12s} {rows[-1]['psnr']:6.2f} dB {rows[-1]['ssim']:.4f} "
-                  f"{rows[-1]['seconds']:.2f} s", flush=True)
-    return rows
+_WORKER: dict = {}
+
+
+def _load(folder: Path, size: int) -> None:
+    """Load the models and the held-out images once per (worker) process; one torch thread each."""
+    torch.set_num_threads(1)
+    _WORKER.update(models=CSReconstruction(folder), images=held_out_images(size), size=size)
+
+
+def _score(setting: str, spec: dict, method: str, ddnm_steps: int) -> dict:
+    """One (setting, method) row over the held-out images loaded by :func:`_load`."""
+    size, scores, seconds = _WORKER["size"], [], 0.0
+    for i, (_, x) in enumerate(_WORKER["images"]):
+        op = make_operator(spec["kind"], (size, size), seed=i, **{k: v for k, v in spec.items() if k != "kind"})
+        y = op(x)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = _WORKER["models"].reconstruct(y, op, method, ddnm_steps=ddnm_steps, seed=i,
+                                                tv_weight=TV_WEIGHT.get(setting, 0.003)).clamp(0, 1)
+        seconds += time.perf_counter() - start
+        scores.append((psnr(out, x).item(), ssim(out, x).item()))
+    psnrs, ssims = zip(*scores, strict=True)
+    row = {"setting": setting, "method": method, "psnr": sum(psnrs) / len(psnrs), "ssim": sum(ssims) / len(ssims),
+           "seconds": seconds / len(scores), "per_image_psnr": list(psnrs)}
+    print(f"{setting:22s} {method:12s} {row['psnr']:6.2f} dB {row['ssim']:.4f} {row['seconds']:.2f} s", flush=True)
+    return row
+
+
+def evaluate(folder: Path, size: int, ddnm_steps: int, settings: dict[str, dict] = SETTINGS,
+             methods: tuple[str, ...] = METHODS, jobs: int = 1) -> list[dict]:
+    """One row per (setting, method): mean PSNR, SSIM and seconds per image over the held-out images,
+    computed by ``jobs`` single-threaded processes (seconds are per process, one thread each)."""
+    work = [(setting, spec, method, ddnm_steps) for setting, spec in settings.items() for method in methods]
+    if jobs == 1:
+        _load(folder, size)
+        return [_score(*w) for w in work]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_load,
+                             initargs=(folder, size)) as pool:
+        return list(pool.map(_score, *zip(*work, strict=True)))
 
 
 def markdown(rows: list[dict], size: int, ddnm_steps: int, names: list[str]) -> str:
@@ -88,14 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=256, help="image side (multiple of 32)")
     p.add_argument("--ddnm-steps", type=int, default=100)
     p.add_argument("--models", type=Path, help="model folder (default: the shipped models/cs_reconstruction)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="single-threaded worker processes")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     a = p.parse_args(argv)
     from medidiff.methods.model_card import write_model_card
 
-    torch.set_num_threads(a.threads)
     folder = a.models or model_dir("cs_reconstruction")
-    rows = evaluate(CSReconstruction(folder), a.size, a.ddnm_steps, methods=tuple(a.methods.split(",")))
+    rows = evaluate(folder, a.size, a.ddnm_steps, methods=tuple(a.methods.split(",")), jobs=a.jobs)
     names = [n for n, _ in held_out_images(32)]
     with atomic_write(folder / "eval_held_out.json") as tmp:
         tmp.write_text(json.dumps({"size": a.size, "ddnm_steps": a.ddnm_steps, "images": names, "rows": rows}, indent=2))

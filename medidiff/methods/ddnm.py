@@ -31,13 +31,15 @@ def respaced_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
 @torch.no_grad()
 def ddnm(op: Operator, y: torch.Tensor, model_fn: EpsilonFn, alphas_cumprod: torch.Tensor, steps: int = 100,
          eta: float = 0.85, generator: torch.Generator | None = None,
-         progress: Callable | None = None) -> torch.Tensor:
+         progress: Callable | None = None, x0_range: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
     """Reconstruct images (B, 1, H, W) from measurements ``y`` of ``op``.
 
     ``model_fn(x, t)`` predicts the noise of ``x`` at training timesteps ``t`` under ``alphas_cumprod``
     (the training schedule, 1-D); ``eta`` is the share of fresh noise in each update (0: deterministic
     DDIM); ``generator`` seeds the start noise and every update; ``progress`` wraps the timestep list
-    (e.g. ``tqdm``).
+    (e.g. ``tqdm``); ``x0_range`` clips each clean-image estimate to the data range before the
+    projection (guided diffusion's ``clip_denoised``; without it the first estimates, divided by
+    ``sqrt(abar) ~ 0`` at ``t = T - 1``, are huge and the chain does not recover), ``None`` to skip.
     """
     abar = alphas_cumprod.double().tolist()
     timesteps = respaced_timesteps(len(abar), steps)
@@ -50,7 +52,8 @@ def ddnm(op: Operator, y: torch.Tensor, model_fn: EpsilonFn, alphas_cumprod: tor
     x = noise()
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
         eps = model_fn(x, torch.full((batch,), t, dtype=torch.long, device=y.device))
-        x0 = op.project((x - (1 - abar[t]) ** 0.5 * eps) / abar[t] ** 0.5, y)
+        x0 = (x - (1 - abar[t]) ** 0.5 * eps) / abar[t] ** 0.5
+        x0 = op.project(x0.clamp(*x0_range) if x0_range else x0, y)
         if i + 1 < len(timesteps):
             a_next = abar[timesteps[i + 1]]
             x = a_next**0.5 * x0 + (1 - a_next) ** 0.5 * (eta * noise() + (1 - eta**2) ** 0.5 * eps)
