@@ -14,22 +14,30 @@ def write_outputs(item: dict, pipeline: Pipeline, folder: Path) -> list[str]:
     """Write ``item`` into ``folder`` per ``pipeline.outputs``; returns notes for the report (may be empty).
 
     A research volume (NIfTI/NRRD/MetaImage source) is never written as derived DICOM: when the pipeline
-    asks for DICOM it gets ``image.nii.gz`` instead, with a note saying so.
+    asks for DICOM it gets ``image.nii.gz`` instead, with a note saying so. A raw k-space source gets a new
+    anonymous DICOM MR series (``medidiff.io.kspace_series.mr_headers``) in the geometry it was loaded with.
     """
     from medidiff.io import writers
+    from medidiff.io.kspace_series import KSPACE_FORMAT, NO_FIELD_OF_VIEW, field_of_view, mr_headers
 
     outputs = pipeline.outputs or {"png": {}}
     image, source, notes = item["image"], item["source"], []
     nifti = "nifti" in outputs
-    if "dicom" in outputs and not source.is_dicom:
+    kspace = source.source_format == KSPACE_FORMAT
+    if "dicom" in outputs and not (source.is_dicom or kspace):
         notes.append(NIFTI_INSTEAD.format(source.source_format))
         nifti = True
     elif "dicom" in outputs:
-        options = outputs["dicom"]
+        options, headers = outputs["dicom"], None
+        if kspace:
+            original = item["original"]
+            headers = mr_headers(source, writers.affine_of(original), tuple(original.shape[1:]))
+            notes += [] if field_of_view(item["kspace"]) else [NO_FIELD_OF_VIEW]
         writers.write_derived_dicom(
             image, source, folder / "dicom",
             series_description=options.get("series_description", f"medidiff {pipeline.name}")[:64],
             derivation_description=options.get("derivation_description", _derivation(pipeline))[:1024],
+            series_number=1 if kspace else None, headers=headers,
         )
     if nifti:
         writers.write_nifti(image, folder / "image.nii.gz")

@@ -33,7 +33,7 @@ import yaml
 from medidiff.errors import PipelineError, StageError
 from medidiff.resources import pipeline_file, pipelines_dir
 
-SELECT_KEYS = {"modality", "body_part", "image_type", "view_position", "min_size", "dimensions"}
+SELECT_KEYS = {"modality", "body_part", "image_type", "view_position", "min_size", "dimensions", "source_format"}
 OUTPUT_KEYS = {"dicom", "nifti", "png"}
 TOP_KEYS = {"name", "description", "select", "stages", "outputs"}
 
@@ -48,6 +48,7 @@ class Selection:
     view_position: tuple[str, ...] = ()
     min_size: int = 0
     dimensions: int | None = None
+    source_format: tuple[str, ...] = ()  # DICOM, NIfTI, NRRD, MetaImage, k-space
 
     def reason_to_skip(self, series) -> str | None:
         """None if ``series`` (a SeriesRef) matches, else a sentence saying what does not."""
@@ -55,6 +56,7 @@ class Selection:
             ("modality", series.modality, self.modality),
             ("body part", series.body_part, self.body_part),
             ("view position", series.view_position, self.view_position),
+            ("source format", series.source_format, self.source_format),
         )
         for label, value, allowed in checks:
             if allowed and (value or "").upper() not in allowed:

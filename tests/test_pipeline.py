@@ -117,11 +117,13 @@ class _Series:
     image_type = ("ORIGINAL", "PRIMARY")
     rows = columns = 128
     is_3d = True
+    source_format = "DICOM"
 
 
 def test_selection_reasons():
     series = _Series()
     assert Selection(modality=("CT",)).reason_to_skip(series) is None
+    assert "source format DICOM" in Selection(source_format=("K-SPACE",)).reason_to_skip(series)
     assert "modality CT" in Selection(modality=("DX", "CR")).reason_to_skip(series)
     assert "below the minimum 256" in Selection(min_size=256).reason_to_skip(series)
     assert "3-D series" in Selection(dimensions=2).reason_to_skip(series)

@@ -1,7 +1,9 @@
 """Header-only scan of a source: group DICOM files into series, refuse the rest with a reason.
 
 NIfTI, NRRD and MetaImage volume files (``medidiff.io.volumes``) are one series each, mixed with DICOM
-or alone; their JSON sidecars are read with them, not scanned as DICOM.
+or alone; their JSON sidecars are read with them, not scanned as DICOM. So are raw MRI k-space files
+(``.h5``/``.hdf5`` fastMRI-style, ``.npy``; ``medidiff.io.kspace_series``): MR series of ``source_format``
+``k-space``, read whole at discovery and refused with ``read_kspace``'s reason when unusable.
 
 Inputs are treated as hostile: every file read is resolved and confined to the input root (symbolic
 links and DICOMDIR references that leave it are refused without naming their target); zips are
@@ -32,6 +34,7 @@ import pydicom
 from medidiff.errors import InputError
 from medidiff.io.archive import Extraction, is_zip
 from medidiff.io.headers import as_list, quiet_pydicom, read_checked, transfer_syntax
+from medidiff.io.kspace_series import KSPACE_FORMAT, describe_kspace, is_kspace_file
 from medidiff.io.privacy import hash_identifier
 from medidiff.io.text import clean_text
 from medidiff.io.volumes import describe_volume, file_digest, sidecar_of, volume_format
@@ -74,7 +77,7 @@ class SeriesRef:
     series_description: str = ""
     root: Path | None = None
     keepalive: object = field(default=None, repr=False, compare=False)  # a zip extraction to keep
-    source_format: str = "DICOM"  # or a volume format: "NIfTI", "NRRD", "MetaImage" (no DICOM header)
+    source_format: str = "DICOM"  # or a volume format ("NIfTI", "NRRD", "MetaImage") or "k-space": no DICOM header
     instance_uid: str = ""  # the SOP Instance UID when this is one radiograph of a projection series
     skip_reason: str = ""  # why no pipeline takes it as input (medidiff's own output, an evaluation truth)
 
@@ -246,8 +249,10 @@ def discover(path: str | Path) -> Inventory:
         if not files and not inventory.refused:
             raise InputError(f"input folder {path} is empty")
     else:
-        files = [path] if volume_format(path) else _dicomdir_files(path, root, inventory.refused) or [path]
+        files = ([path] if volume_format(path) or is_kspace_file(path)
+                 else _dicomdir_files(path, root, inventory.refused) or [path])
     volumes, files = _split_volumes(files)
+    kspaces, files = [f for f in files if is_kspace_file(f)], [f for f in files if not is_kspace_file(f)]
     headers = []
     with quiet_pydicom():
         for file in files:
@@ -257,8 +262,8 @@ def discover(path: str | Path) -> Inventory:
             else:
                 headers.append((file, header))
         inventory.series = _group(headers, root, inventory.refused)
-    for file in volumes:
-        found = _volume_series(file, root)
+    for file, series_of in [*((f, _volume_series) for f in volumes), *((f, _kspace_series) for f in kspaces)]:
+        found = series_of(file, root)
         (inventory.refused if isinstance(found, Refusal) else inventory.series).append(found)
     return inventory
 
@@ -288,6 +293,22 @@ def _volume_series(file: Path, root: Path) -> SeriesRef | Refusal:
         rows=facts["rows"], columns=facts["columns"], frames=facts["frames"], photometric="MONOCHROME2",
         transfer_syntaxes=(facts["format"],), files=[file], series_description=facts["series_description"],
         root=root, source_format=facts["format"],
+    )
+
+
+def _kspace_series(file: Path, root: Path) -> SeriesRef | Refusal:
+    """A raw k-space file as an MR series of its own (one study per file; keyed like a volume), or the
+    reason it is refused."""
+    rel = relative_path(file, root)
+    facts = describe_kspace(file)
+    if isinstance(facts, str):
+        return Refusal(rel, facts)
+    return SeriesRef(
+        study_uid=f"k-space:{rel}", series_uid=f"k-space:{rel}:{file_digest(file)}", patient_hash="-",
+        modality="MR", body_part="", image_type=(), view_position="", rows=facts["rows"],
+        columns=facts["columns"], frames=facts["frames"], photometric="MONOCHROME2",
+        transfer_syntaxes=(facts["format"],), files=[file], series_description=facts["series_description"],
+        root=root, source_format=KSPACE_FORMAT,
     )
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from medidiff.errors import InputError
 from medidiff.io.atomic import atomic_write
 from medidiff.io.text import clean_text
+
+if TYPE_CHECKING:
+    import torch
 
 SUFFIXES = (".h5", ".hdf5", ".npy")
 LAYOUTS = "(slices, H, W) single-coil or (slices, coils, H, W) multi-coil"
@@ -91,6 +94,8 @@ def _read_h5(path: Path) -> KSpace:
 
 def _checked(path: Path, kspace: np.ndarray, mask: np.ndarray | None, header) -> KSpace:
     """The ``KSpace`` of arrays read from ``path`` after every check."""
+    import torch  # here, not at the top: discovery imports this module and stays torch-free
+
     kspace = np.asarray(kspace)
     if not np.iscomplexobj(kspace):
         raise InputError(f"{path}: k-space must be complex (complex64), got {kspace.dtype}; raw k-space is "
@@ -148,6 +153,7 @@ def write_fastmri_h5(path: str | Path, kspace, mask=None,
     ``kspace`` complex64, optional ``mask`` ((W,) or (H, W)) and ``ismrmrd_header``; atomically,
     after the reader's checks."""
     import h5py
+    import torch
 
     path = Path(path)
     array, mask_array = (None if a is None else a.detach().cpu().numpy() if isinstance(a, torch.Tensor)

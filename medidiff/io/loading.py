@@ -16,6 +16,7 @@ from pydicom.pixels import apply_modality_lut
 from medidiff.errors import InputError
 from medidiff.io.discovery import Refusal, SeriesRef, discover
 from medidiff.io.headers import header_geometry, read_header
+from medidiff.io.kspace_series import KSPACE_FORMAT, kspace_affine, read_series_kspace, zero_filled_volume
 from medidiff.io.text import exception_text
 
 # MONAI's reader probes for the GPU-only nvImageCodec decoder and warns when it is absent; on a CPU
@@ -27,7 +28,7 @@ with warnings.catch_warnings():
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def load_series(series: SeriesRef) -> MetaTensor:
+def load_series(series: SeriesRef, kspace=None) -> MetaTensor:
     """Load ``series`` as a float32 MetaTensor ``(1, cols, rows[, slices])`` with a RAS ``affine``.
 
     Single-frame files are decoded by MONAI's ``LoadImage(PydicomReader)``, which already applies
@@ -38,10 +39,14 @@ def load_series(series: SeriesRef) -> MetaTensor:
     inverted over their representable range; ``meta["medidiff_inverted"]`` and ``meta["medidiff_range"]``
     let the writer restore them. Errors name files by ``series.file_id`` (a salted hash), never by path.
     NIfTI/NRRD/MetaImage volumes are read by SimpleITK (``medidiff.io.volumes.read_volume``) into the same
-    layout and meta.
+    layout and meta; raw k-space files give their zero-filled image (``medidiff.io.kspace_series``; pass the
+    ``KSpace`` as ``kspace`` when it is already read).
     """
     meta: dict = {"filename_or_obj": series.file_id(series.files[0]), "medidiff_inverted": False}  # no paths
-    if not series.is_dicom:
+    if series.source_format == KSPACE_FORMAT:
+        kspace = kspace or read_series_kspace(series)
+        volume, affine = zero_filled_volume(kspace), kspace_affine(kspace)
+    elif not series.is_dicom:
         from medidiff.io.volumes import read_volume
 
         try:
@@ -77,9 +82,12 @@ def load_series(series: SeriesRef) -> MetaTensor:
 
 
 def load_item(series: SeriesRef) -> dict:
-    """A pipeline item: ``{"image": t, "original": t.clone(), "source": series}``."""
-    image = load_series(series)
-    return {"image": image, "original": image.clone(), "source": series}
+    """A pipeline item: ``{"image": t, "original": t.clone(), "source": series}``, and ``"kspace"`` (the
+    checked ``KSpace``) for a raw k-space source, whose ``image`` is the zero-filled image."""
+    kspace = read_series_kspace(series) if series.source_format == KSPACE_FORMAT else None
+    image = load_series(series, kspace)
+    item = {"image": image, "original": image.clone(), "source": series}
+    return item if kspace is None else item | {"kspace": kspace}
 
 
 class Study:

@@ -39,7 +39,7 @@ DROP = (
 
 def write_derived_dicom(
     image: torch.Tensor, source: SeriesRef, out_dir: Path, *, series_description: str,
-    derivation_description: str, series_number: int | None = None,
+    derivation_description: str, series_number: int | None = None, headers: list[Dataset] | None = None,
 ) -> list[Path]:
     """Write ``image`` as a new derived series of ``source``'s study into ``out_dir`` (replaced atomically).
 
@@ -49,19 +49,24 @@ def write_derived_dicom(
     medidiff's outputs by it and never takes them as input). Intensities are mapped back to stored values
     (MONOCHROME1 restored), keeping the source's rescale when the values fit and choosing a new one
     otherwise. Returns the written paths.
+
+    ``headers``: one header per slice to derive from instead of the source's files, for a source with no
+    DICOM (raw k-space: ``medidiff.io.kspace_series.mr_headers``). Such a series references no source
+    image, and its values, of arbitrary units, are scaled onto the stored range.
     """
     volume = _volume(image)
-    headers = [read_header(f) for f in source.files]
+    template = headers is not None
+    headers = headers if template else [read_header(f) for f in source.files]
     meta = getattr(image, "meta", {}) or {}
     if meta.get("medidiff_inverted"):
         lo, hi = meta["medidiff_range"]
         volume = (lo + hi) - volume
-    affine = _affine_of(image)
+    affine = affine_of(image)
     series_uid = generate_uid()
     number = series_number if series_number is not None else int(headers[0].get("SeriesNumber", 0) or 0) + 1000
     multi_frame = len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1
     slices = 1 if multi_frame or volume.ndim == 2 else volume.shape[2]
-    stored, rescale = _quantise(volume, headers[0])
+    stored, rescale = _quantise(volume, headers[0], arbitrary_units=template)
     source_affine = dicom_affine(headers, slices)
     same_grid = slices == len(headers) and np.allclose(affine, source_affine, atol=1e-4)
     offsets = _slice_offsets(headers, affine, source_affine, slices)
@@ -71,7 +76,8 @@ def write_derived_dicom(
         for k in range(slices):
             src = headers[min(round(k * len(headers) / slices), len(headers) - 1)]
             pixels = stored if multi_frame or stored.ndim == 2 else stored[:, :, k]
-            ds = _derived(src, pixels, rescale, None if same_grid else affine, offsets[k], headers[0], now)
+            ds = _derived(src, pixels, rescale, None if same_grid else affine, offsets[k], headers[0], now,
+                          reference=not template)
             ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
             ds.SeriesDescription = series_description[:64]
             ds.DerivationDescription = derivation_description[:1024]
@@ -91,7 +97,7 @@ def write_nifti(image: torch.Tensor, path: str | Path) -> Path:
     array = _as_numpy(image)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
     with atomic_write(path) as tmp:
-        nib.save(nib.Nifti1Image(array.astype(np.float32), _affine_of(image)), str(tmp) + ".nii.gz")
+        nib.save(nib.Nifti1Image(array.astype(np.float32), affine_of(image)), str(tmp) + ".nii.gz")
         Path(str(tmp) + ".nii.gz").replace(tmp)
     return path
 
@@ -137,7 +143,8 @@ def _volume(image) -> np.ndarray:
     return array[0]
 
 
-def _affine_of(image) -> np.ndarray:
+def affine_of(image) -> np.ndarray:
+    """The RAS affine of ``image`` (its ``affine`` or ``meta["affine"]``; identity without one)."""
     affine = getattr(image, "affine", None)
     if affine is None:
         affine = (getattr(image, "meta", {}) or {}).get("affine")
@@ -158,18 +165,20 @@ def _ds(value: float) -> float:
     return float(format_number_as_ds(float(value)))
 
 
-def _quantise(volume: np.ndarray, header: Dataset) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Stored integer values for ``volume`` and the (slope, intercept) to write (None: write none)."""
+def _quantise(volume: np.ndarray, header: Dataset, *, arbitrary_units: bool = False
+              ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Stored integer values for ``volume`` and the (slope, intercept) to write (None: write none);
+    ``arbitrary_units``: values without a unit to keep, always stretched over the stored range."""
     _, bits, signed = _bits(header)
     smin, smax = stored_range(bits, bool(signed))
     has_rescale = "RescaleSlope" in header
     slope = float(header.get("RescaleSlope", 1) or 1)
     intercept = float(header.get("RescaleIntercept", 0) or 0)
     candidate = np.rint((volume - intercept) / slope)
-    if candidate.min() >= smin and candidate.max() <= smax:
+    if not arbitrary_units and candidate.min() >= smin and candidate.max() <= smax:
         return candidate, (slope, intercept) if has_rescale else None
     vmin, vmax = float(volume.min()), float(volume.max())
-    fixed = str(header.get("SOPClassUID", "")) in FIXED_RESCALE_SOP or (
+    fixed = arbitrary_units or str(header.get("SOPClassUID", "")) in FIXED_RESCALE_SOP or (
         not has_rescale and str(header.get("Modality", "")) in NO_RESCALE_MODALITIES)
     if fixed:  # identity Modality LUT required: stretch the values over the stored range
         scale = (smax - smin) / (vmax - vmin) if vmax > vmin else 1.0
@@ -181,11 +190,11 @@ def _quantise(volume: np.ndarray, header: Dataset) -> tuple[np.ndarray, tuple[fl
 
 
 def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | None, offset: np.ndarray,
-             first: Dataset,
-             now: dt.datetime) -> Dataset:
+             first: Dataset, now: dt.datetime, *, reference: bool = True) -> Dataset:
     """A derived instance built from ``src``'s header with ``pixels`` (cols, rows[, frames]).
 
     ``affine`` None means the image is still on the source grid: ``src``'s geometry is kept as is.
+    ``reference``: point at ``src`` as the source image (False for a template header, which is none).
     """
     ds = Dataset()  # a fresh dataset: no source encoding (e.g. big endian) carried over
     for element in src:
@@ -208,7 +217,8 @@ def _derived(src: Dataset, pixels: np.ndarray, rescale, affine: np.ndarray | Non
     ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
     if _lossy(src):
         ds.LossyImageCompression = "01"
-    _reference(ds, src)
+    if reference:
+        _reference(ds, src)
     _pixel_module(ds, pixels, rescale, first)
     if frames > 1:
         ds.NumberOfFrames = frames
