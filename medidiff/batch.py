@@ -21,6 +21,7 @@ from pathlib import Path
 from medidiff.batch_queue import WorkQueue
 from medidiff.dicomnet.events import emit
 from medidiff.dicomnet.outbox import Outbox, outbox_folder
+from medidiff.errors import PipelineError
 from medidiff.executor import RunReport, SeriesResult, opened_run, process_series
 from medidiff.journal import Journal
 from medidiff.output_folder import OutputFolder
@@ -217,7 +218,13 @@ def _drain(queue: WorkQueue, studies: dict, pipeline: Pipeline, out: OutputFolde
             time.sleep(min(wait, 1.0))
             continue
         for future in executor.wait(list(in_flight), 1.0):
-            _record(queue, in_flight.pop(future), future, summary)
+            study = in_flight.pop(future)
+            if isinstance(future.exception(), PipelineError):  # the worker's set-up, not the study, is at fault
+                for other in [study, *in_flight.values()]:
+                    queue.release(other)
+                raise PipelineError(f"a worker cannot build the pipeline ({future.exception()}); install the same "
+                                    "medidiff, models and stage plugins on every worker, then run the batch again")
+            _record(queue, study, future, summary)
 
 
 def _record(queue: WorkQueue, study: str, future, summary: BatchSummary) -> None:

@@ -107,6 +107,12 @@ class WorkQueue:
                              "WHERE study=? AND pipeline_digest=?", (time.time(), study, self.digest))
         return self.item(study)["attempts"]
 
+    def release(self, study: str) -> None:
+        """Put a running study back to pending, its attempt not counted (the attempt never ran)."""
+        with self._writing("update"):
+            self._db.execute("UPDATE items SET state='pending', attempts=MAX(attempts-1, 0), updated=? "
+                             "WHERE study=? AND pipeline_digest=? AND state='running'", (time.time(), study, self.digest))
+
     def finish(self, study: str, *, ok: bool, reason: str = "", seconds: float = 0.0) -> str:
         """Record an attempt's outcome; returns the study's new state (done, pending for a retry, quarantined)."""
         with self._writing("update"):

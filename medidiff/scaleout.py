@@ -16,7 +16,7 @@ from distributed import WorkerPlugin
 
 from medidiff.errors import InputError
 
-WORKER_START_SECONDS = 120
+WORKER_START_SECONDS = 600  # each worker process imports torch and MONAI: slow on a busy machine
 
 
 class DieWithParent(WorkerPlugin):
@@ -70,10 +70,16 @@ class DaskExecutor:
             self.capacity = max(1, sum(w["nthreads"] for w in self.client.scheduler_info()["workers"].values()))
         else:
             self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+                                        dashboard_address=None, silence_logs=logging.ERROR,
+                                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})  # HTTP routes: loopback
             self.client = Client(self.cluster)
             self.client.register_plugin(DieWithParent())
-            self.client.wait_for_workers(self.workers, timeout=WORKER_START_SECONDS)
+            try:
+                self.client.wait_for_workers(self.workers, timeout=WORKER_START_SECONDS)
+            except TimeoutError:
+                self.__exit__()
+                raise InputError(f"{self.workers} Dask worker process(es) did not start within {WORKER_START_SECONDS} s; "
+                                 "give fewer --workers or free memory and CPU") from None
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -11,9 +11,10 @@ import sqlite3
 import subprocess
 from contextlib import closing
 
+from medidiff.health import health
 from medidiff.output_folder import check_manifest
 from tests.batch_stages import loads, recording_pipeline, starts
-from tests.cli_runner import CLI
+from tests.cli_runner import CLI, assert_user_error
 from tests.orthanc import wait_for
 from tests.studies import ct_series_copies
 
@@ -27,10 +28,10 @@ def test_killed_worker_study_redone_once_pipeline_built_once_per_worker(tmp_path
     batch = subprocess.Popen([*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(out), "--workers", "2"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held_pid, held_key = wait_for(lambda: log.exists() and len(starts(log)) >= 3 and starts(log)[2],
-                                  "the third study's start", 240)
+                                  "the third study's start", 900)
     os.kill(int(held_pid), signal.SIGKILL)  # the worker process holding that study, mid-study
     (tmp_path / "release").touch()
-    stdout, stderr = batch.communicate(timeout=300)
+    stdout, stderr = batch.communicate(timeout=900)
     assert batch.returncode == 0, stdout + stderr
 
     keys = [key for _, key in starts(log)]
@@ -48,3 +49,27 @@ def test_killed_worker_study_redone_once_pipeline_built_once_per_worker(tmp_path
     events = [json.loads(line) for line in stderr.splitlines()]  # JSON lines only: Dask's own logs held back
     done = [str(e["worker"]) for e in events if e["event"] == "study_done"]
     assert len(done) == STUDIES and set(done) <= workers
+
+
+def test_batches_on_an_existing_scheduler_reuse_each_workers_pipeline(tmp_path, monkeypatch):
+    from distributed import LocalCluster
+
+    pipeline, env, log = recording_pipeline(tmp_path)
+    ct_series_copies(tmp_path / "in", 2)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        no_plugin = subprocess.run([*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(tmp_path / "out0"),
+                                    "--scheduler", cluster.scheduler_address], env=env, capture_output=True, text=True,
+                                   timeout=900)  # the worker started without the stage's module on its path
+        assert_user_error(no_plugin, 2, "a worker cannot build the pipeline", "cannot import stage 'recorder.Record'")
+        assert health(tmp_path / "out0")["queue"]["studies"]["pending"] == 2  # nothing counted against the studies
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # a worker that imports the recording stage
+    monkeypatch.syspath_prepend(env["PYTHONPATH"])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        for run in (1, 2):
+            batch = subprocess.run([*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(tmp_path / f"out{run}"),
+                                    "--scheduler", cluster.scheduler_address], env=env, capture_output=True, text=True,
+                                   timeout=900)
+            assert batch.returncode == 0 and "2 done now" in batch.stdout, batch.stdout + batch.stderr
+    workers = {pid for pid, _ in starts(log)}
+    assert len(starts(log)) == 4 and len(workers) == 1  # both batches ran on the cluster's one worker
+    assert loads(log).count(workers.pop()) == 1  # which built the pipeline once, for both batches
