@@ -43,7 +43,7 @@ def _add_sending(parser: argparse.ArgumentParser) -> None:
                         "(STOW-RS) or AE@HOST:PORT (C-STORE); what cannot be delivered stays queued in "
                         "OUT/.medidiff/outbox/ and is sent by the next run with --to")
     parser.add_argument("--send-tries", type=_positive_int, default=3,
-                        help="delivery rounds before leaving the rest queued (default 3; 1, 2, 4 s apart)")
+                        help="delivery rounds before leaving the rest queued (default 3; waits of 1 s, 2 s, ... between them)")
 
 
 def _parser() -> argparse.ArgumentParser:
