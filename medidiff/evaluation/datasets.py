@@ -43,6 +43,7 @@ class SyntheticSource:
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")  # as the DX writer marks a simulated radiograph
     frames: int = 1
     series_description: str = "synthetic chest phantom"
+    source_format: str = "synthetic"  # selection rules may name source formats (DICOM, k-space, NIfTI, ...)
 
     @property
     def study_uid(self) -> str:
