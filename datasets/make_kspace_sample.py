@@ -1,4 +1,5 @@
-"""Make the bundled raw k-space sample, datasets/samples/kspace/shoulder-mr-4coil-4x.h5 (see its README).
+"""Make the bundled raw k-space sample, datasets/samples/kspace/shoulder-mr-4coil-4x.h5
+(card: datasets/kspace_sample.md).
 
 The held-out shoulder MR of the CS image sets (pydicom-data ``MR2_UNCR.dcm``, 1024 x 1024, 0.195 mm
 pixels, 6 mm slice; never trained on), its centre square resized to 128 x 128 (1.5625 mm pixels), is
