@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from medidiff.datasets.cs_images import random_patches, training_images
 from medidiff.diffusion.gaussian import cosine_alphas_cumprod
+from medidiff.errors import InputError
 from medidiff.methods.base import read_component
 from medidiff.methods.cs_reconstruction import draw_operator
 from medidiff.methods.idm import build_idm
@@ -35,6 +36,14 @@ class _PatchTask(TrainingTask):
 
     def patches(self) -> torch.Tensor:
         return random_patches(self.images, self.tcfg["batch"], self.cfg["data"]["patch"], self.rng).to(self.device)
+
+    def optimise(self, loss: torch.Tensor) -> float:
+        """One step of the task's optimiser on ``loss``; returns the loss value."""
+        opt = self.optims["opt"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
 
 
 @register_task("denoiser")
@@ -54,11 +63,7 @@ class DenoiserTask(_PatchTask):
         noise = torch.randn_like(x0)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         loss = F.mse_loss(self.net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
-        opt = self.optims["opt"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.item()}
+        return {"loss": self.optimise(loss)}
 
     def export_config(self):
         return {"model": self.cfg["model"], "images": "[0, 1]", "schedule": "cosine"}
@@ -78,7 +83,8 @@ class IDMTask(_PatchTask):
         missing, unexpected = self.net.model_fn.net.load_state_dict({k: v.float() for k, v in weights.items()},
                                                                     strict=False)
         if unexpected or any("injectors" not in k for k in missing):
-            raise ValueError(f"{denoiser}: not a denoiser of this architecture ({(missing + unexpected)[:3]})")
+            raise InputError(f"model.denoiser: {denoiser} is not a denoiser of this architecture "
+                             f"({(missing + unexpected)[:3]}); point it at the weights `kind: denoiser` exports")
         self.net.set_invertible(m.get("invertible", True))
         self.net.to(device)
         self.modules = {"net": self.net}
@@ -88,11 +94,7 @@ class IDMTask(_PatchTask):
         x = self.patches()
         operator = draw_operator(self.cfg["measurement"], tuple(x.shape[-2:]), self.rng).to(self.device)
         loss = (self.net(operator(x), operator) - x).abs().mean()
-        opt = self.optims["opt"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"l1": loss.item()}
+        return {"l1": self.optimise(loss)}
 
     def export_config(self):
         m = self.cfg["model"]
