@@ -120,7 +120,12 @@ def square(img: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
+def held_out_names() -> list[str]:
+    """The held-out images' names in :func:`held_out_images` order (nothing is loaded)."""
+    return [name for name, _ in HELD_OUT_DICOM] + [f"{n} (scikit-image)" for n in HELD_OUT_NATURAL]
+
+
 def held_out_images(size: int = 256) -> list[tuple[str, torch.Tensor]]:
     """The fixed held-out test set: (name, (1, 1, size, size) in [0, 1]), real MR/CT first."""
-    images = [(name, square(_dicom(f), size)) for name, f in HELD_OUT_DICOM]
-    return images + [(f"{n} (scikit-image)", square(_natural(n), size)) for n in HELD_OUT_NATURAL]
+    images = [square(_dicom(f), size) for _, f in HELD_OUT_DICOM] + [square(_natural(n), size) for n in HELD_OUT_NATURAL]
+    return list(zip(held_out_names(), images, strict=True))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medidiff.datasets.cs_images import held_out_images
+from medidiff.datasets.cs_images import held_out_images, held_out_names
 from medidiff.io.atomic import atomic_write
 from medidiff.methods.cs_reconstruction import METHODS, CSReconstruction, make_operator
 from medidiff.metrics import psnr, ssim
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = a.models or model_dir("cs_reconstruction")
     rows = evaluate(folder, a.size, a.ddnm_steps, methods=tuple(a.methods.split(",")), jobs=a.jobs)
-    names = [n for n, _ in held_out_images(32)]
+    names = held_out_names()
     with atomic_write(folder / "eval_held_out.json") as tmp:
         tmp.write_text(json.dumps({"size": a.size, "ddnm_steps": a.ddnm_steps, "images": names, "rows": rows}, indent=2))
     with atomic_write(folder / "eval_held_out.md") as tmp:

@@ -188,7 +188,7 @@ def cs_held_out_data(spec: str, *, size: int = 256) -> EvaluationData:
     measures the image and reconstructs it, and is scored against the fully sampled image."""
     from medidiff.datasets import cs_images
 
-    count, size = _count_and_size(spec, len(cs_images.HELD_OUT_DICOM) + len(cs_images.HELD_OUT_NATURAL), size)
+    count, size = _count_and_size(spec, len(cs_images.held_out_names()), size)
     digest = hashlib.sha256(Path(cs_images.__file__).read_bytes() + f"{count}:{size}".encode()).hexdigest()[:16]
 
     def cases() -> Iterator[dict]:
