@@ -1,11 +1,15 @@
-"""Processes as objects: DDPM/DDIM against diffusers' schedulers, step hooks, ResShift's marginals."""
+"""Processes as objects: DDPM/DDIM against diffusers' schedulers, step hooks, the residual processes'
+marginals (ResShift, UPSR, Resfusion, RDDM) and their reverse steps with a perfect model."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from medidiff.diffusion.gaussian import DDIM, DDPM, cosine_alphas_cumprod
-from medidiff.diffusion.resshift import ResShift, resshift_etas
+from medidiff.diffusion.process import NoiseBank
+from medidiff.diffusion.rddm import RDDM
+from medidiff.diffusion.resfusion import Resfusion
+from medidiff.diffusion.resshift import UPSR, ResShift, resshift_etas
 from medidiff.diffusion.sampling import sample
 
 T = 1000
@@ -134,3 +138,92 @@ def test_resshift_sampling_starts_from_the_degraded_image_and_needs_its_T():
     clean = torch.full_like(y, 0.2)
     out = sample(model, process, torch.zeros_like(y), clean, y=y, generator=torch.Generator().manual_seed(0))
     assert torch.equal(starts[0], y) and torch.equal(out, clean)
+
+
+N = 200_000
+
+
+def constant_pair(n=N):
+    return torch.full((n, 1), 0.3), torch.full((n, 1), -0.5)
+
+
+@pytest.mark.parametrize("t", [0, 120, "last"])
+def test_resfusion_forward_marginal(t):
+    """x_t = sqrt(abar) x0 + (1 - sqrt(abar)) (y - x0) + sqrt(1 - abar) eps, truncated where sqrt(abar) ~ 0.5."""
+    process = Resfusion()
+    t = process.truncation if t == "last" else t
+    assert abs(process.alphas_cumprod[-1].sqrt().item() - 0.5) < 0.01
+    x0, y = constant_pair()
+    xt = process.add_noise(x0, torch.randn(N, 1, generator=torch.Generator().manual_seed(1)), torch.full((N,), t), y)
+    s = process.alphas_cumprod[t].sqrt().item()
+    assert xt.mean().item() == pytest.approx(s * 0.3 + (1 - s) * -0.8, abs=0.01)
+    assert xt.var().item() == pytest.approx(1 - s**2, rel=0.03, abs=1e-6)
+
+
+def test_resfusion_recovers_x0_from_its_resnoise_in_five_respaced_steps():
+    """The resnoise and y determine x0 (and the noise): a perfect model samples x0 back exactly, and
+    on consecutive timesteps the step is DDPM's (x_t - beta/sqrt(1-abar) resnoise)/sqrt(alpha) + noise."""
+    process = Resfusion()
+    x0, y = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+
+    def implied(x, x0, t, y):
+        s = process.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).float()
+        return (x - s * x0 - (1 - s) * (y - x0)) / (1 - s**2).sqrt()
+    def perfect(x, t, condition):  # the training target implied by the true x0
+        return process.training_target(x0, implied(x, x0, t[:1], y), t[:1], y)
+    process.set_timesteps(5)
+    generator = torch.Generator().manual_seed(0)
+    out = sample(perfect, process, torch.randn(x0.shape, generator=generator), y=y, generator=generator)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+    process.set_timesteps(timesteps=[60, 59])  # consecutive: the DDPM form of the paper
+    process._y = y
+    xt = process.add_noise(x0, torch.randn_like(x0), torch.full((4,), 60), y)
+    resnoise = process.training_target(x0, implied(xt, x0, torch.tensor([60]), y), torch.full((4,), 60), y)
+    z = torch.randn_like(x0)
+    a, beta = process.alphas_cumprod[60].item(), process.betas[60].item()
+    var = beta * (1 - process.alphas_cumprod[59].item()) / (1 - a)
+    expected = (xt - beta / (1 - a) ** 0.5 * resnoise) / (1 - beta) ** 0.5 + var**0.5 * z
+    assert torch.allclose(process.step(resnoise, 60, xt, NoiseBank([z])), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 499, 999])
+def test_rddm_forward_marginal_and_targets(t):
+    """I_t = I_0 + abar_t (y - I_0) + bbar_t eps; the network's target is [residual, noise]."""
+    process = RDDM(noise_scale=0.5)
+    x0, y = constant_pair()
+    noise = torch.randn(N, 1, generator=torch.Generator().manual_seed(2))
+    xt = process.add_noise(x0, noise, torch.full((N,), t), y)
+    a, b = (t + 1) / 1000, (0.5 * (t + 1) / 1000) ** 0.5
+    assert xt.mean().item() == pytest.approx(0.3 + a * -0.8, abs=0.01)
+    assert xt.var().item() == pytest.approx(b**2, rel=0.02)
+    target = process.training_target(x0, noise, torch.full((N,), t), y)
+    assert target.shape == (N, 2, ) and torch.allclose(target[:, :1], y - x0) and torch.equal(target[:, 1:], noise)
+
+
+def test_rddm_perfect_model_returns_x0_in_few_deterministic_steps():
+    process = RDDM(noise_scale=1.0)
+    process.set_timesteps(5)
+    x0, y = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    start = torch.randn_like(x0)
+    eps = (process.initial_sample(start, y) - y) / process.noise_weights[-1].item()
+    out = sample(lambda x, t, c: torch.cat([y - x0, eps], dim=1), process, start, y=y)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_upsr_weighs_noise_by_uncertainty():
+    """Flat, certain regions get min_weight x the ResShift noise, uncertain ones the full noise."""
+    process = UPSR(4, kappa=2.0, min_weight=0.25, full_uncertainty=0.05)
+    y = torch.zeros(1, 1, 64, 64)
+    estimate = y.clone()
+    estimate[..., 32:] = 0.5  # the right half is uncertain
+    weight = process.weigh_noise(y, estimate)
+    assert weight[..., 5:20].max().item() == pytest.approx(0.25, abs=1e-4)
+    assert weight[..., 42:56].min().item() == pytest.approx(1.0, abs=1e-4)
+    n = 400
+    x0 = torch.zeros(n, 1, 64, 64)
+    xt = process.add_noise(x0, torch.randn(n, 1, 64, 64, generator=torch.Generator().manual_seed(3)),
+                           torch.full((n,), 3), y.expand(n, -1, -1, -1))
+    eta = process.etas[3].item()
+    assert xt[..., 5:20].std().item() == pytest.approx(2 * 0.25 * eta**0.5, rel=0.03)
+    assert xt[..., 42:56].std().item() == pytest.approx(2 * eta**0.5, rel=0.03)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from medidiff.diffusion.process import Process, X0Hook
+from medidiff.diffusion.process import Process, X0Hook, draw_noise
 
 
 def cosine_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -72,7 +72,7 @@ class DDPM(GaussianProcess):
         beta = 1 - a_t / a_prev
         mean = (a_prev**0.5 * beta * x0 + (a_t / a_prev) ** 0.5 * (1 - a_prev) * sample) / (1 - a_t)
         var = beta * (1 - a_prev) / (1 - a_t)
-        return mean + var**0.5 * torch.randn(sample.shape, generator=generator, dtype=sample.dtype)
+        return mean + var**0.5 * draw_noise(sample, generator)
 
 
 PROCESSES = {"ddpm": DDPM, "ddim": DDIM}

@@ -30,12 +30,42 @@ import torch
 X0Hook = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+class NoiseBank:
+    """Pre-drawn standard normal maps handed out in order in place of a generator: tiled sampling
+    draws every step's noise for the whole image once, so overlapping tiles see the same noise."""
+
+    def __init__(self, maps: Sequence[torch.Tensor]):
+        self.maps = list(maps)
+
+    def next(self, like: torch.Tensor) -> torch.Tensor:
+        if not self.maps:
+            raise RuntimeError("the noise bank is empty: the process drew more noise maps than were banked")
+        return self.maps.pop(0).to(like.dtype).expand_as(like)
+
+
+def draw_noise(like: torch.Tensor, generator: torch.Generator | NoiseBank | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, from ``generator`` or the next map of a :class:`NoiseBank`."""
+    if isinstance(generator, NoiseBank):
+        return generator.next(like)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype)
+
+
 class Process(ABC):
     """Base class: subclasses set :attr:`num_train_timesteps` and :attr:`prediction`
     (what the network predicts: ``epsilon`` or ``sample`` = x0) and implement the three methods."""
 
     num_train_timesteps: int
     prediction: str
+    output_channels = 1  # channels the network predicts
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                        y: torch.Tensor | None = None) -> torch.Tensor:
+        """What the network is trained to output for ``add_noise(x0, noise, t, y)``."""
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "sample":
+            return x0
+        raise NotImplementedError(f"{type(self).__name__} must define its training target")
 
     def __init__(self, x0_hooks: Sequence[X0Hook] = ()):
         self.x0_hooks = list(x0_hooks)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medidiff.diffusion.process import Process, X0Hook
+from medidiff.diffusion.process import Process, X0Hook, draw_noise
 
 
 def resshift_etas(num_train_timesteps: int = 15, kappa: float = 2.0, power: float = 0.3,
@@ -38,6 +38,10 @@ class ResShift(Process):
         super().__init__(x0_hooks)
         self.num_train_timesteps, self.kappa = num_train_timesteps, kappa
         self.etas = resshift_etas(num_train_timesteps, kappa, power, min_noise_level)
+        self.noise_weight: torch.Tensor | None = None  # per-pixel noise weighting (UPSR); None = 1
+
+    def _kappa(self, like: torch.Tensor) -> torch.Tensor | float:
+        return self.kappa if self.noise_weight is None else self.kappa * self.noise_weight.to(like.dtype)
 
     def set_timesteps(self, steps=None, timesteps=None):
         super().set_timesteps(steps, timesteps)
@@ -49,12 +53,12 @@ class ResShift(Process):
         if y is None:
             raise ValueError("ResShift needs the degraded image y")
         eta = self.etas.to(x0.dtype)[t].view(-1, *([1] * (x0.ndim - 1)))
-        return x0 + eta * (y - x0) + self.kappa * eta.sqrt() * noise
+        return x0 + eta * (y - x0) + self._kappa(x0) * eta.sqrt() * noise
 
     def initial_sample(self, noise, y=None):
         if y is None:
             raise ValueError("ResShift starts from the degraded image y")
-        return y + self.kappa * self.etas[-1].item() ** 0.5 * noise
+        return y + self._kappa(y) * self.etas[-1].item() ** 0.5 * noise
 
     def step(self, model_output, t, sample, generator=None):
         x0 = self.hooked_x0(model_output, t)
@@ -64,5 +68,27 @@ class ResShift(Process):
         eta, eta_prev = self.etas[t].item(), self.etas[prev].item()
         alpha = eta - eta_prev
         mean = eta_prev / eta * sample + alpha / eta * x0
-        std = self.kappa * (eta_prev / eta * alpha) ** 0.5
-        return mean + std * torch.randn(sample.shape, generator=generator, dtype=sample.dtype)
+        std = self._kappa(sample) * (eta_prev / eta * alpha) ** 0.5
+        return mean + std * draw_noise(sample, generator)
+
+
+class UPSR(ResShift):
+    """UPSR's uncertainty-guided noise weighting on ResShift: flat, certain regions of the degraded
+    image get less noise. Uncertainty is ``|y - estimate|`` (``estimate``: a plain restoration of
+    ``y``, here the regression U-Net), Gaussian-smoothed; the weight grows from ``min_weight`` (no
+    uncertainty) to 1 at ``full_uncertainty``. Set it per input with :meth:`weigh_noise`."""
+
+    def __init__(self, num_train_timesteps: int = 15, kappa: float = 2.0, power: float = 0.3,
+                 min_noise_level: float = 0.04, min_weight: float = 0.25, full_uncertainty: float = 0.05,
+                 x0_hooks: Sequence[X0Hook] = ()):
+        super().__init__(num_train_timesteps, kappa, power, min_noise_level, x0_hooks)
+        self.min_weight, self.full_uncertainty = min_weight, full_uncertainty
+
+    def weigh_noise(self, y: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+        """Set (and return) the per-pixel noise weight for degraded ``y`` and its plain restoration."""
+        from monai.networks.layers import GaussianFilter
+
+        uncertainty = GaussianFilter(2, sigma=1.5)((y - estimate).abs())
+        level = (uncertainty / self.full_uncertainty).clamp(0, 1)
+        self.noise_weight = self.min_weight + (1 - self.min_weight) * level
+        return self.noise_weight

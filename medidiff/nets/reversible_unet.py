@@ -1,6 +1,6 @@
-"""The denoising U-Net behind compressed-sensing reconstruction: every block sequence is reversible.
+"""The U-Net behind compressed-sensing reconstruction and restoration: every block sequence is reversible.
 
-An epsilon-prediction U-Net for 1-channel images ``forward(x, t) -> eps``: the image is
+A timestep-conditioned U-Net ``forward(x, t) -> output`` (epsilon for 1-channel CS images): the image is
 pixel-unshuffled by 2 (as IDM feeds images to Stable Diffusion's 4-channel U-Net), then each
 resolution level runs a :class:`~medidiff.nets.reversible.CouplingSequence` of residual blocks
 (timestep-conditioned) and injector slots. Down/up-sampling and skip merges are ordinary layers
@@ -79,16 +79,19 @@ class InjectorSlot(nn.Module):
 
 
 class ReversibleUNet(nn.Module):
-    """Epsilon-prediction U-Net ``forward(x, t, context=None)`` for (B, 1, H, W) images, H and W
-    multiples of ``2 ** len(channels)``. ``config``: ``channels`` per level, ``blocks`` residual
-    blocks per level, ``time_channels``."""
+    """U-Net ``forward(x, t, context=None)`` for (B, in_channels, H, W) images, H and W multiples of
+    ``2 ** len(channels)``, returning (B, out_channels, H, W) (epsilon for the CS denoiser; x0, noise
+    or residual for the restoration processes). ``config``: ``channels`` per level, ``blocks``
+    residual blocks per level, ``time_channels``, ``in_channels``, ``out_channels``."""
 
-    def __init__(self, channels=(32, 64, 64), blocks: int = 2, time_channels: int = 128):
+    def __init__(self, channels=(32, 64, 64), blocks: int = 2, time_channels: int = 128, in_channels: int = 1,
+                 out_channels: int = 1):
         super().__init__()
-        self.config = {"channels": list(channels), "blocks": blocks, "time_channels": time_channels}
+        self.config = {"channels": list(channels), "blocks": blocks, "time_channels": time_channels,
+                       "in_channels": in_channels, "out_channels": out_channels}
         self.time_mlp = nn.Sequential(nn.Linear(time_channels, time_channels), nn.SiLU(),
                                       nn.Linear(time_channels, time_channels))
-        self.conv_in = nn.Conv2d(4, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(4 * in_channels, channels[0], 3, padding=1)
 
         def level(c: int, factor: int) -> CouplingSequence:
             bodies = []
@@ -105,7 +108,7 @@ class ReversibleUNet(nn.Module):
                                       for a, b in zip(channels[:-1], channels[1:], strict=True))
         self.merge = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in channels)
         self.up = nn.ModuleList(level(c, f) for c, f in zip(channels, factors, strict=True))
-        self.norm_out, self.conv_out = _norm(channels[0]), nn.Conv2d(channels[0], 4, 3, padding=1)
+        self.norm_out, self.conv_out = _norm(channels[0]), nn.Conv2d(channels[0], 4 * out_channels, 3, padding=1)
 
     @property
     def multiple(self) -> int:
