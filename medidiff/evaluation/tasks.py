@@ -78,5 +78,6 @@ BASELINES: dict[str, Callable[[dict], dict]] = {"identity": identity, "bicubic":
 
 register_task(Task("bone_suppression", ("bsr", "psnr", "ssim", "mse")))
 register_task(Task("super_resolution", ("psnr", "ssim", "mse"), baseline="bicubic"))
+register_task(Task("denoise", ("psnr", "ssim", "mse")))  # against the clean image; baseline: the noisy input
 # scored against the fully sampled image; compare with a zero-filled pipeline as --baseline
 register_task(Task("cs_reconstruction", ("psnr", "ssim", "nmse")))
