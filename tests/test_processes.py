@@ -227,3 +227,14 @@ def test_upsr_weighs_noise_by_uncertainty():
     eta = process.etas[3].item()
     assert xt[..., 5:20].std().item() == pytest.approx(2 * 0.25 * eta**0.5, rel=0.03)
     assert xt[..., 42:56].std().item() == pytest.approx(2 * eta**0.5, rel=0.03)
+
+
+def test_resshift_ode_step_moves_along_the_marginals_with_the_same_noise():
+    """The deterministic step maps x0 + eta_t (y - x0) + kappa sqrt(eta_t) eps to the same eps at eta_{t-1}."""
+    process = ResShift(4, kappa=2.0)
+    process.set_timesteps(4)
+    process.deterministic = True
+    x0, y, eps = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    process.initial_sample(eps, y)  # the sampler keeps y from its start
+    xt = process.add_noise(x0, eps, torch.full((2,), 2), y)
+    assert torch.allclose(process.step(x0, 2, xt), process.add_noise(x0, eps, torch.full((2,), 1), y), atol=1e-6)

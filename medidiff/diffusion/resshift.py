@@ -5,6 +5,9 @@ about 0 to about 1 in ``T`` steps, so ``x_T`` is the degraded image plus noise; 
 ``x0`` (``prediction = "sample"``). Reverse step: the posterior
 ``q(x_{t-1} | x_t, x0) = N(eta_{t-1}/eta_t x_t + alpha_t/eta_t x0, kappa^2 eta_{t-1}/eta_t alpha_t)``
 with ``alpha_t = eta_t - eta_{t-1}``. The same ``T`` is used in training and sampling.
+``deterministic``: the diffusion-ODE sampler instead (the noise implied by ``x_t`` is carried to the
+next marginal, DDIM-like), whose only randomness is the start noise, the "boundary condition" that
+:mod:`medidiff.methods.optimal_boundary` optimises.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class ResShift(Process):
         self.num_train_timesteps, self.kappa = num_train_timesteps, kappa
         self.etas = resshift_etas(num_train_timesteps, kappa, power, min_noise_level)
         self.noise_weight: torch.Tensor | None = None  # per-pixel noise weighting (UPSR); None = 1
+        self.deterministic = False  # True: the ODE sampler, the start noise is the only randomness
+        self._y: torch.Tensor | None = None
 
     def _kappa(self, like: torch.Tensor) -> torch.Tensor | float:
         return self.kappa if self.noise_weight is None else self.kappa * self.noise_weight.to(like.dtype)
@@ -58,6 +63,7 @@ class ResShift(Process):
     def initial_sample(self, noise, y=None):
         if y is None:
             raise ValueError("ResShift starts from the degraded image y")
+        self._y = y
         return y + self._kappa(y) * self.etas[-1].item() ** 0.5 * noise
 
     def step(self, model_output, t, sample, generator=None):
@@ -66,6 +72,9 @@ class ResShift(Process):
         if prev < 0:
             return x0
         eta, eta_prev = self.etas[t].item(), self.etas[prev].item()
+        if self.deterministic:  # the probability-flow (DDIM-like) step: keep the implied noise
+            shift = x0 + eta * (self._y - x0)
+            return x0 + eta_prev * (self._y - x0) + (eta_prev / eta) ** 0.5 * (sample - shift)
         alpha = eta - eta_prev
         mean = eta_prev / eta * sample + alpha / eta * x0
         std = self._kappa(sample) * (eta_prev / eta * alpha) ** 0.5

@@ -1,0 +1,199 @@
+"""Diffusion restoration (denoising and super-resolution): one backbone, the differences in the processes.
+
+Every method is the reversible U-Net of :mod:`medidiff.nets.reversible_unet` on ``[x_t, y]`` (the
+current sample and the degraded image ``y``; for super-resolution ``y`` is the low-resolution image
+upsampled bicubically, :func:`medidiff.physics.degradations.upsample`), run by a residual process:
+ResShift and UPSR (:mod:`medidiff.diffusion.resshift`), Resfusion (:mod:`medidiff.diffusion.resfusion`)
+or RDDM (:mod:`medidiff.diffusion.rddm`). Two one-pass networks share the interface: ``regression``
+(the U-Net regressing ``x0 - y`` from ``y``, the same-budget baseline and UPSR's uncertainty
+estimator) and ``one_step`` (a student with its teacher's architecture, distilled from the multi-step
+teacher, mapping the teacher's starting point to ``x0`` in one pass,
+:mod:`medidiff.methods.restoration_training`).
+
+Saved as ``<method>.json`` + ``<method>.safetensors`` in a task folder (``models/restoration/<task>/``).
+:meth:`Restoration.restore` tiles large images with MONAI's sliding-window inferer (Gaussian-weighted
+overlaps); every step's noise is drawn once for the whole image (:class:`~medidiff.diffusion.process.NoiseBank`),
+so overlapping tiles agree and the blend has no seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from medidiff.diffusion.process import NoiseBank, Process
+from medidiff.diffusion.rddm import RDDM
+from medidiff.diffusion.resfusion import Resfusion
+from medidiff.diffusion.resshift import UPSR, ResShift
+from medidiff.diffusion.sampling import sample
+from medidiff.errors import StageError
+from medidiff.methods.base import Method, ModelFunction, read_component
+from medidiff.nets.reversible_unet import ReversibleUNet
+
+PROCESSES: dict[str, type[Process]] = {"resshift": ResShift, "upsr": UPSR, "resfusion": Resfusion, "rddm": RDDM}
+METHODS = (*PROCESSES, "regression", "one_step")
+
+
+def make_process(spec: dict) -> Process:
+    """The process described by a config's ``process`` mapping (``name`` + its arguments)."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in PROCESSES:
+        raise ValueError(f"process {name!r} is not one of {sorted(PROCESSES)}")
+    return PROCESSES[name](**spec)
+
+
+def normalise(image: torch.Tensor, intensity: dict) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Model units of ``image`` (stored units, e.g. HU) and the exact inverse: ``hu`` maps the fixed
+    range ``low..high`` to 0..1 (unclipped); ``percentile`` maps the image's own percentiles."""
+    x = image.float()
+    if intensity["kind"] == "hu":
+        lo, hi = float(intensity["low"]), float(intensity["high"])
+    elif intensity["kind"] == "percentile":
+        q = torch.quantile(x.flatten()[:: max(1, x.numel() // 2_000_000)],
+                           torch.tensor([intensity["low"], intensity["high"]]) / 100)
+        lo, hi = q[0].item(), max(q[1].item(), q[0].item() + 1e-6)
+    else:
+        raise ValueError(f"intensity kind {intensity['kind']!r} is not hu or percentile")
+    return (x - lo) / (hi - lo), lambda units: units * (hi - lo) + lo
+
+
+class RestorationFunction(ModelFunction):
+    """``net([x, condition], t)``: the U-Net on the sample beside the degraded image."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x if condition is None else torch.cat([x, condition], dim=1), t)
+
+
+def build_net(config: dict) -> ReversibleUNet:
+    """The U-Net of a restoration config: ``[x_t, y]`` in for processes and the one-step student
+    (which keeps its teacher's architecture), ``y`` alone for the regression."""
+    method = config["method"]
+    if method == "regression":
+        return ReversibleUNet(**config["model"]["unet"])
+    out = PROCESSES[method].output_channels if method in PROCESSES else 1
+    return ReversibleUNet(**config["model"]["unet"], in_channels=2, out_channels=out)
+
+
+class Restoration(Method):
+    """A trained restoration method; ``config``: ``task``, ``method``, ``scale``, ``modalities``,
+    ``intensity``, ``model.unet``, ``process`` (for diffusion methods), ``steps``."""
+
+    def __init__(self, net: ReversibleUNet, config: dict, estimator: Restoration | None = None):
+        self.config = config
+        self.model_fn = RestorationFunction(net.eval().requires_grad_(False))
+        self.estimator = estimator
+        if config["method"] == "upsr" and estimator is None:
+            raise ValueError("UPSR needs its uncertainty estimator (the task's regression model)")
+
+    @classmethod
+    def create(cls, config: dict, estimator: Restoration | None = None) -> Restoration:
+        """An untrained method for ``config`` (tests, and the trainer's starting point)."""
+        return cls(build_net(config), config, estimator)
+
+    @classmethod
+    def from_pretrained(cls, folder: Path, name: str) -> Restoration:
+        config, weights = read_component(folder, name)
+        net = build_net(config)
+        net.load_state_dict({k: v.float() for k, v in weights.items()})
+        estimator = cls.from_pretrained(folder, "regression") if config["method"] == "upsr" else None
+        return cls(net, config, estimator)
+
+    def networks(self):
+        return {self.config["method"]: (self.model_fn.net, self.config)}
+
+    @property
+    def scale(self) -> int:
+        return int(self.config.get("scale", 1))
+
+    def process(self, steps: int | None = None) -> Process | None:
+        if self.config["method"] == "regression":
+            return None
+        process = make_process(self.config["process"])
+        if self.config["method"] != "one_step":
+            process.set_timesteps(steps or self.config.get("steps", process.num_train_timesteps))
+        return process
+
+    def sample(self, y: torch.Tensor, noises: torch.Tensor, steps: int | None = None, ode: bool = False) -> torch.Tensor:
+        """The restored image for degraded ``y`` (N, 1, H, W) at full size; ``noises`` (N, K, H, W):
+        the initial noise and every step's, standard normal; ``ode``: ResShift's deterministic sampler."""
+        multiple = self.model_fn.net.multiple
+        h, w = y.shape[-2:]
+        pad = (0, -w % multiple, 0, -h % multiple)
+        mode = "reflect" if min(h, w) > max(pad) else "replicate"
+        y = F.pad(y, pad, mode=mode)
+        noises = F.pad(noises, pad, mode=mode) if noises.shape[1] else noises.new_zeros(*y.shape[:1], 0, *y.shape[2:])
+        process = self.process(steps)
+        if ode:
+            if not isinstance(process, ResShift) or self.config["method"] == "one_step":
+                raise ValueError(f"the ODE sampler is ResShift's; this is a {self.config['method']} model")
+            process.deterministic = True
+        if process is None:
+            out = y + self.model_fn(y, torch.zeros(len(y), dtype=torch.long))
+        elif self.config["method"] == "one_step":  # the teacher's start, straight to x0
+            t = torch.full((len(y),), process.num_train_timesteps - 1, dtype=torch.long)
+            out = self.model_fn(process.initial_sample(noises[:, :1], y), t, y)
+        else:
+            if isinstance(process, UPSR):
+                process.weigh_noise(y, self.estimator.sample(y, noises[:, :0]))
+            bank = NoiseBank(list(noises[:, 1:].split(1, dim=1)))
+            out = sample(self.model_fn, process, noises[:, :1], y, y=y, generator=bank)
+        return out[..., :h, :w]
+
+    def noise_maps(self, steps: int | None = None) -> int:
+        """How many noise maps :meth:`sample` takes (the initial one and one per step)."""
+        return {"regression": 0, "one_step": 1}.get(self.config["method"], 1 + (steps or self.config.get("steps", 1)))
+
+    @torch.no_grad()
+    def restore(self, lr: torch.Tensor, *, steps: int | None = None, seed: int = 0, tile: int | None = 256,
+                overlap: float = 0.25, boundary: str = "random", progress: Callable | None = None) -> torch.Tensor:
+        """The restored image (N, 1, h*scale, w*scale) of ``lr`` (N, 1, h, w) in model units; images
+        larger than ``tile`` go through overlapping tiles. ``boundary="optimal"``: ResShift's ODE
+        sampler from the model's optimal boundary condition (:mod:`medidiff.methods.optimal_boundary`)."""
+        from medidiff.physics.degradations import upsample
+
+        self.model_fn.reset_hooks()
+        y = upsample(lr.float(), self.scale) if self.scale > 1 else lr.float()
+        generator = torch.Generator().manual_seed(seed)
+        noises = torch.randn((len(y), self.noise_maps(steps), *y.shape[-2:]), generator=generator)
+        ode = boundary == "optimal"
+        if ode:
+            from medidiff.methods.optimal_boundary import boundary_noise
+
+            if "boundary" not in self.config:
+                raise StageError(f"this {self.config['method']} model has no optimal boundary condition; run "
+                                 f"python -m medidiff.methods.optimal_boundary {self.config['task']}")
+            noises[:, :1] = boundary_noise(self.config["boundary"], y.shape)
+        elif boundary != "random":
+            raise StageError(f"boundary is {boundary!r}; expected random or optimal")
+        joined = torch.cat([y, noises], dim=1)
+
+        def predictor(part: torch.Tensor) -> torch.Tensor:
+            return self.sample(part[:, :1], part[:, 1:], steps, ode)
+
+        if tile is None or max(y.shape[-2:]) <= tile:
+            return predictor(joined)
+        return sliding_window_inference(joined, roi_size=(tile, tile), sw_batch_size=1, predictor=predictor,
+                                        overlap=overlap, mode="gaussian", padding_mode="replicate",
+                                        progress=progress is not None)
+
+    def __call__(self, x: torch.Tensor, **options) -> torch.Tensor:
+        return self.restore(x, **options)
+
+
+def load_restoration(task: str, method: str = "resshift", model: str = "default") -> Restoration:
+    """The trained ``method`` of ``task`` from ``model``: ``default`` (the package's
+    ``models/restoration/<task>/``), a folder, or ``models:/<name>/<version>``."""
+    from medidiff.model_registry import resolve_model_dir
+
+    if method not in METHODS:
+        raise StageError(f"method is {method!r}; expected one of {', '.join(METHODS)}")
+    folder = resolve_model_dir(model, default_name=f"restoration/{task}")
+    if not (folder / f"{method}.json").exists():
+        raise StageError(f"no {method} model for {task} in {folder} (expected {method}.json + {method}.safetensors); "
+                         f"train it with `medidiff train configs/restoration/{task}_{method}.yaml` or pick another method")
+    return Restoration.from_pretrained(folder, method)
