@@ -58,6 +58,14 @@ class TrainingTask(ABC):
         """One optimisation step; returns metrics to log."""
         ...
 
+    def optimise(self, loss: torch.Tensor, name: str = "opt") -> float:
+        """One step of the optimiser ``name`` on ``loss``; returns the loss value."""
+        opt = self.optims[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
     def export_config(self) -> dict:
         """The JSON config saved next to the exported weights (the trainer adds ``training``)."""
         return {"model": self.cfg["model"]}

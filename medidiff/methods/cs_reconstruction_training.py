@@ -37,14 +37,6 @@ class _PatchTask(TrainingTask):
     def patches(self) -> torch.Tensor:
         return random_patches(self.images, self.tcfg["batch"], self.cfg["data"]["patch"], self.rng).to(self.device)
 
-    def optimise(self, loss: torch.Tensor) -> float:
-        """One step of the task's optimiser on ``loss``; returns the loss value."""
-        opt = self.optims["opt"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
 
 @register_task("denoiser")
 class DenoiserTask(_PatchTask):
