@@ -337,9 +337,28 @@ def _geometry(ds: Dataset, src: Dataset, affine: np.ndarray, offset: np.ndarray,
         if "SliceLocation" in ds:
             ds.SliceLocation = format_number_as_ds(float(np.dot(np.cross(row_dir, col_dir), position)))
         return
+    if "SharedFunctionalGroupsSequence" in src or "PerFrameFunctionalGroupsSequence" in src:
+        _functional_group_geometry(ds, affine)
+        return
     factor = (source_rows / int(ds.Rows), source_cols / int(ds.Columns))
     for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
         if keyword in src and src[keyword].value and factor != (1.0, 1.0):
             values = [float(v) for v in src[keyword].value]
             setattr(ds, keyword, [format_number_as_ds(values[0] * factor[0]),
                                   format_number_as_ds(values[1] * factor[1])])
+
+
+def _functional_group_geometry(ds: Dataset, affine: np.ndarray) -> None:
+    """An enhanced multi-frame image's plane geometry from the image affine: PixelSpacing in every
+    PixelMeasuresSequence, and every frame's ImagePositionPatient moved as the first frame's (the grid changed
+    in plane only, so the frames keep their offsets from the first)."""
+    lps = RAS_TO_LPS @ affine
+    spacing = [format_number_as_ds(float(np.linalg.norm(lps[:3, k]))) for k in (1, 0)]
+    first = header_geometry(ds)[1]
+    shift = lps[:3, 3] - np.asarray(first, float) if first is not None else np.zeros(3)
+    for group in [*(ds.get("SharedFunctionalGroupsSequence") or []), *(ds.get("PerFrameFunctionalGroupsSequence") or [])]:
+        for measures in group.get("PixelMeasuresSequence") or []:
+            measures.PixelSpacing = spacing
+        for plane in group.get("PlanePositionSequence") or []:
+            position = np.asarray(plane.ImagePositionPatient, float) + shift
+            plane.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position]
