@@ -220,24 +220,40 @@ def mu_to_hu(mu: torch.Tensor) -> torch.Tensor:
     return 1000 * (mu / MU_WATER_PER_MM - 1)
 
 
+def ct_line_integrals(hu: torch.Tensor, pixel_mm: float, views: int = DEFAULT_VIEWS) -> torch.Tensor:
+    """Noise-free line integrals (N, 1, views, detectors) of square slices (N, 1, S, S) in HU."""
+    _check_image(hu, "ct_line_integrals")
+    if hu.shape[-1] != hu.shape[-2]:
+        raise InputError(f"CT simulation needs square slices, got {tuple(hu.shape[-2:])}; pad or crop first")
+    return _projector(hu.shape[-1], views, "ram-lak").forward(hu_to_mu(hu.float())) * pixel_mm
+
+
+def noisy_line_integrals(integrals: torch.Tensor, photons: float, generator: torch.Generator | None = None,
+                         electronic_noise: float = 0.0) -> torch.Tensor:
+    """Line integrals re-measured with ``photons`` incident photons per ray: Poisson counts (from
+    ``generator``) plus Gaussian ``electronic_noise`` (std, in counts), floored at one count, log."""
+    counts = torch.poisson(photons * torch.exp(-integrals), generator=generator)
+    if electronic_noise > 0:
+        counts = counts + electronic_noise * torch.randn(counts.shape, generator=generator)
+    return -torch.log(counts.clamp(min=1.0) / photons)
+
+
+def fbp_hu(integrals: torch.Tensor, size: int, pixel_mm: float, filter: str = "ram-lak") -> torch.Tensor:
+    """Filtered backprojection of line integrals (N, 1, views, detectors) to ``size`` x ``size``
+    slices in HU."""
+    return mu_to_hu(_projector(size, integrals.shape[-2], filter).fbp(integrals) / pixel_mm)
+
+
 def low_dose_ct(hu: torch.Tensor, pixel_mm: float, photons: float | None = DEFAULT_PHOTONS,
                 generator: torch.Generator | None = None, *, electronic_noise: float = 0.0,
                 views: int = DEFAULT_VIEWS, filter: str = "ram-lak") -> torch.Tensor:
     """Slices (N, 1, S, S) in HU re-acquired by parallel-beam CT and reconstructed by FBP, in HU.
 
-    ``photons`` incident photons per ray (detector bin = one ``pixel_mm`` pixel); counts are
-    Poisson (from ``generator``) plus Gaussian ``electronic_noise`` (std, in counts), floored at
-    one count before the log. ``photons=None`` gives the noise-free FBP (its blur and streaks alone).
+    ``photons`` incident photons per ray (detector bin = one ``pixel_mm`` pixel), see
+    ``noisy_line_integrals``; ``photons=None`` gives the noise-free FBP (its blur and streaks alone).
     Below -1000 HU is air (zero attenuation), so the reconstruction of such pixels is about -1000.
     """
-    _check_image(hu, "low_dose_ct")
-    if hu.shape[-1] != hu.shape[-2]:
-        raise InputError(f"low_dose_ct needs square slices, got {tuple(hu.shape[-2:])}; pad or crop first")
-    op = _projector(hu.shape[-1], views, filter)
-    integrals = op.forward(hu_to_mu(hu.float())) * pixel_mm
+    integrals = ct_line_integrals(hu, pixel_mm, views)
     if photons is not None:
-        counts = torch.poisson(photons * torch.exp(-integrals), generator=generator)
-        if electronic_noise > 0:
-            counts = counts + electronic_noise * torch.randn(counts.shape, generator=generator)
-        integrals = -torch.log(counts.clamp(min=1.0) / photons)
-    return mu_to_hu(op.fbp(integrals) / pixel_mm).to(hu.dtype)
+        integrals = noisy_line_integrals(integrals, photons, generator, electronic_noise)
+    return fbp_hu(integrals, hu.shape[-1], pixel_mm, filter).to(hu.dtype)
