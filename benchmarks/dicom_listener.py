@@ -60,7 +60,7 @@ def main() -> None:
                 pacs.wait_for(lambda want=expected: [d for d in pacs.derived_series(url) if d.items() >= want.items()],
                               "the derived series in Orthanc", 600, log)
                 total = time.perf_counter() - start
-                pipeline = pacs.events(log, "study_processed")[-1]["seconds"]
+                pipeline = pacs.events(log, "study_done")[-1]["seconds"]
                 rows.append((size, pushed, args.idle, pipeline, total - pushed - args.idle - pipeline, total))
     print("| slices | C-STORE in (s) | idle wait (s) | pipeline (s) | spool, polls, C-STORE out (s) | total (s) |")
     print("|---:|---:|---:|---:|---:|---:|")

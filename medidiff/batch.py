@@ -155,8 +155,8 @@ def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
               destination=None, send_tries: int = 3) -> BatchSummary:
     """Queue every study of ``input_path`` and run them on ``executor`` (:class:`InProcess` or
     :class:`medidiff.scaleout.DaskExecutor`) until each is done or quarantined. With a ``destination``, the
-    DICOM files of each attempt's newly done series go to the output folder's outbox as the attempt is
-    recorded, and are delivered at the end (``send_tries`` rounds; the rest waits in the outbox)."""
+    DICOM files of each attempt's done series go to the output folder's outbox as the attempt is recorded,
+    and are delivered at the end (``send_tries`` rounds; the rest waits in the outbox)."""
     from medidiff.io.privacy import hash_identifier
 
     with opened_run(pipeline, input_path, output_dir) as (out, inventory, report):
@@ -167,11 +167,13 @@ def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
         if destination:
             summary.outbox = Outbox(outbox_folder(out.state_dir, destination), destination, first_delay=1.0)
         try:
-            for study in queue.sync({k: study_digest(v) for k, v in studies.items()},
-                                    intact=lambda study: _outputs_intact(study, studies[study], pipeline, out),
-                                    retry_quarantined=retry_quarantined):
+            for study in queue.recover():
                 emit("study_interrupted", study=study, state=queue.state(study))
-            _drain(queue, studies, pipeline, out, executor, summary)
+            queue.enqueue({k: study_digest(v) for k, v in studies.items()}, retry_quarantined=retry_quarantined,
+                          intact=lambda study: outputs_intact(study, studies[study], pipeline, out))
+            dispatcher = Dispatcher(queue, pipeline, out, executor, summary.outbox)
+            dispatcher.studies.update(studies)
+            _drain(dispatcher, summary)
             summary.already_done = sum(queue.state(s) == "done" for s in studies) - summary.done_now
             summary.quarantined = [{"study": s, "attempts": queue.item(s)["attempts"], "reason": queue.item(s)["reason"]}
                                    for s in studies if queue.state(s) == "quarantined"]
@@ -187,7 +189,7 @@ def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
     return summary
 
 
-def _outputs_intact(study: str, series: list, pipeline: Pipeline, out: OutputFolder) -> bool:
+def outputs_intact(study: str, series: list, pipeline: Pipeline, out: OutputFolder) -> bool:
     """True when every series of a done study is still done or skipped in the journal, its folder whole."""
     journal = Journal(out.state_dir)
     try:
@@ -201,53 +203,74 @@ def _outputs_intact(study: str, series: list, pipeline: Pipeline, out: OutputFol
     return True
 
 
-def _drain(queue: WorkQueue, studies: dict, pipeline: Pipeline, out: OutputFolder, executor,
-           summary: BatchSummary) -> None:
-    """Submit due studies (up to the executor's capacity), record outcomes, until none is pending."""
-    wanted, in_flight = set(studies), {}
+def _drain(dispatcher: Dispatcher, summary: BatchSummary) -> None:
+    """Run the dispatcher until no study is pending or running; the final attempts go into the summary."""
     while True:
-        for study in queue.due(executor.capacity - len(in_flight), wanted - set(in_flight.values())):
-            attempt = queue.start(study)
-            task = StudyTask(study, studies[study], pipeline.text, pipeline.source, str(out.path))
-            in_flight[executor.submit(task)] = study
-            emit("study_started", study=study, attempt=attempt)
-        if not in_flight:
-            wait = queue.next_due_in(wanted)
+        finished = dispatcher.step(1.0)
+        for _, state, outcome in finished:
+            if outcome and state != "pending":  # the report shows the final attempt of each study
+                summary.report.results.extend(outcome.results)
+            summary.done_now += state == "done"
+            summary.retried += state == "pending"
+        if not finished and not dispatcher.running:
+            wait = dispatcher.queue.next_due_in(set(dispatcher.studies))
             if wait is None:
                 return
             time.sleep(min(wait, 1.0))
-            continue
-        for future in executor.wait(list(in_flight), 1.0):
-            study = in_flight.pop(future)
+
+
+class Dispatcher:
+    """Runs the pending studies of a work queue on an executor, for `medidiff batch` and `medidiff listen`:
+    :meth:`step` submits the studies that are due (up to the executor's capacity) and records each finished
+    attempt: done, pending again after a backoff, or quarantined. With an ``outbox``, the DICOM files of an
+    attempt's done series are queued in it before the attempt is recorded (queuing is idempotent: a process
+    killed in between queues them when the study is redone)."""
+
+    def __init__(self, queue: WorkQueue, pipeline: Pipeline, out: OutputFolder, executor, outbox: Outbox | None = None):
+        self.queue, self.pipeline, self.out, self.executor, self.outbox = queue, pipeline, out, executor, outbox
+        self.studies: dict[str, list] = {}  # the series of every study it may run, by study key
+        self._in_flight: dict = {}  # future -> study
+
+    @property
+    def running(self) -> set[str]:
+        return set(self._in_flight.values())
+
+    def step(self, timeout: float) -> list[tuple[str, str, StudyOutcome | None]]:
+        """Submit due studies, wait up to ``timeout`` for attempts to finish and record them; returns
+        (study, its new state, the attempt's outcome or None when it broke) for each finished attempt."""
+        free = self.executor.capacity - len(self._in_flight)
+        for study in self.queue.due(free, set(self.studies) - self.running) if free > 0 else []:
+            attempt = self.queue.start(study)
+            task = StudyTask(study, self.studies[study], self.pipeline.text, self.pipeline.source, str(self.out.path))
+            self._in_flight[self.executor.submit(task)] = study
+            emit("study_started", study=study, attempt=attempt)
+        finished = []
+        for future in self.executor.wait(list(self._in_flight), timeout) if self._in_flight else []:
+            study = self._in_flight.pop(future)
             if isinstance(future.exception(), PipelineError):  # the worker's set-up, not the study, is at fault
-                for other in [study, *in_flight.values()]:
-                    queue.release(other)
+                for other in [study, *self._in_flight.values()]:
+                    self.queue.release(other)
                 raise PipelineError(f"a worker cannot build the pipeline ({future.exception()}); install the same "
-                                    "medidiff, models and stage plugins on every worker, then run the batch again")
-            _record(queue, study, future, summary)
+                                    "medidiff, models and stage plugins on every worker, then run the command again")
+            finished.append(self._record(study, future))
+        return finished
 
-
-def _record(queue: WorkQueue, study: str, future, summary: BatchSummary) -> None:
-    """Record one finished attempt in the queue and the report; log it."""
-    try:
-        outcome = future.result()
-    except Exception as exc:  # the attempt itself broke (a worker died repeatedly, a bug): retry or quarantine
-        outcome, error = None, f"the attempt failed ({type(exc).__name__}: {str(exc)[:200]})"
-    else:
-        error = "; ".join(outcome.failures)[:REASON_LIMIT]
-    seconds = round(sum(r.seconds for r in outcome.results), 3) if outcome else 0.0
-    if outcome and summary.outbox:  # before the attempt is recorded (a batch killed before this line does not send
-        # the series its last attempt finished: the redo finds them already done)
-        summary.outbox.add_outputs(outcome.results, Path(outcome.output))
-    state = queue.finish(study, ok=not error, reason=error, seconds=seconds)
-    if outcome and (state != "pending"):  # the report shows the final attempt of each study
-        summary.report.results.extend(outcome.results)
-    if state == "done":
-        summary.done_now += 1
-        emit("study_done", study=study, seconds=seconds, worker=outcome.worker_pid,
-             **{s.replace(" ", "_"): sum(r.state == s for r in outcome.results) for s in ("done", "already done", "skipped")})
-    elif state == "pending":
-        summary.retried += 1
-        emit("study_failed", study=study, reason=error, retry_in_seconds=queue.retry_in(study))
-    else:
-        emit("study_quarantined", study=study, reason=error)
+    def _record(self, study: str, future) -> tuple[str, str, StudyOutcome | None]:
+        """Record one finished attempt in the queue (its done series in the outbox first); log it."""
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the attempt itself broke (a worker died repeatedly, a bug): retry or quarantine
+            outcome, error = None, f"the attempt failed ({type(exc).__name__}: {str(exc)[:200]})"
+        else:
+            error = "; ".join(outcome.failures)[:REASON_LIMIT]
+        seconds = round(sum(r.seconds for r in outcome.results), 3) if outcome else 0.0
+        queued = self.outbox.add_outputs(outcome.results, Path(outcome.output)) if outcome and self.outbox else 0
+        state = self.queue.finish(study, ok=not error, reason=error, seconds=seconds)
+        if state == "done":
+            emit("study_done", study=study, seconds=seconds, worker=outcome.worker_pid, queued=queued,
+                 **{s.replace(" ", "_"): sum(r.state == s for r in outcome.results) for s in ("done", "already done", "skipped")})
+        elif state == "pending":
+            emit("study_failed", study=study, reason=error, retry_in_seconds=self.queue.retry_in(study))
+        else:
+            emit("study_quarantined", study=study, reason=error)
+        return study, state, outcome

@@ -4,7 +4,7 @@
 ``quarantined``), its attempts and the time of its next try; ``history`` keeps one row per attempt
 (outcome, reason, seconds) for the health summary. Every change is committed at once, so a killed
 process loses nothing: a study still ``running`` when the queue is opened again was interrupted and
-goes back to ``pending`` (that attempt counts). A failed attempt is retried after an exponential backoff;
+goes back to ``pending`` (:meth:`WorkQueue.recover`; that attempt counts). A failed attempt is retried after an exponential backoff;
 a study that fails ``max_attempts`` times is quarantined with its last reason and left alone until its
 instances change or the operator asks for it again. Study keys are salted hashes: no patient data.
 """
@@ -66,18 +66,22 @@ class WorkQueue:
             raise OutputError(f"cannot {what} the work queue {self.path} ({exc}); free space or make "
                               f"{self.path.parent} writable, then run the same command again to resume") from None
 
-    def sync(self, studies: dict[str, str], *, intact=lambda study: True, retry_quarantined: bool = False) -> list[str]:
-        """Bring the queue in line with the input's studies (key -> content digest): new or changed
-        studies, and done studies whose outputs are not ``intact(study)`` any more, become pending; studies
-        a killed run left ``running`` go back to pending (or to quarantine once out of attempts). Returns the
-        keys of the interrupted studies."""
-        now = time.time()
+    def recover(self) -> list[str]:
+        """Put the studies a killed process left ``running`` back to pending (or to quarantine once out of
+        attempts); call once, before any attempt starts. Returns their keys."""
         with self._writing("update"):
             interrupted = [s for (s,) in self._db.execute(
                 "SELECT study FROM items WHERE state='running' AND pipeline_digest=?", (self.digest,))]
             for study in interrupted:
                 self._history(study, "interrupted", "the process stopped during the attempt", 0.0)
                 self._after_failure(study, "interrupted: the process stopped during the attempt (killed or crashed)")
+        return interrupted
+
+    def enqueue(self, studies: dict[str, str], *, intact=lambda study: True, retry_quarantined: bool = False) -> None:
+        """Bring the queue in line with ``studies`` (key -> content digest): new or changed studies, and done
+        studies whose outputs are not ``intact(study)`` any more, become pending (attempts from zero)."""
+        now = time.time()
+        with self._writing("update"):
             for study, content in studies.items():
                 row = self._db.execute("SELECT content_digest, state FROM items WHERE study=? AND pipeline_digest=?",
                                        (study, self.digest)).fetchone()
@@ -85,7 +89,11 @@ class WorkQueue:
                         row[1] == "done" and not intact(study):
                     self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, 'pending', 0, 0, '', ?)",
                                      (study, self.digest, content, now))
-        return interrupted
+
+    def studies(self, state: str) -> list[str]:
+        """The studies in ``state`` under this pipeline."""
+        return [s for (s,) in self._db.execute("SELECT study FROM items WHERE state=? AND pipeline_digest=?",
+                                               (state, self.digest))]
 
     def due(self, limit: int, among: set[str]) -> list[str]:
         """Up to ``limit`` pending studies of ``among`` whose next try is due, oldest first."""

@@ -46,6 +46,42 @@ def _add_sending(parser: argparse.ArgumentParser) -> None:
                         help="delivery rounds before leaving the rest queued (default 3; waits of 1 s, 2 s, ... between them)")
 
 
+def _add_running(parser: argparse.ArgumentParser, default_workers: int) -> None:
+    """The options of the work queue's executor (`batch`, `listen`)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=default_workers, metavar="N",
+                       help=f"N local Dask worker processes (default {default_workers}); 0: in this process, "
+                       "without Dask")
+    where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (its workers "
+                       "must see the input and output folders at the same paths)")
+    parser.add_argument("--max-attempts", type=_positive_int, default=3,
+                        help="quarantine a study after this many failed attempts (default 3)")
+    parser.add_argument("--retry-delay", type=float, default=5.0,
+                        help="seconds before the first retry of a failed study, doubled each time (default 5)")
+
+
+def _in_process(args) -> bool:
+    """Whether the studies run in this process (else Dask workers build the pipeline, not this process)."""
+    return not (args.scheduler or args.workers)
+
+
+def _executor(args, pipeline):
+    """The executor the options ask for (not yet entered): Dask workers, or this process."""
+    from medidiff.errors import InputError
+
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more worker processes")
+    if args.retry_delay < 0:
+        raise InputError(f"--retry-delay {args.retry_delay}: give 0 or more seconds")
+    if not _in_process(args):
+        from medidiff.scaleout import DaskExecutor
+
+        return DaskExecutor(workers=args.workers, scheduler=args.scheduler)
+    from medidiff.batch import InProcess
+
+    return InProcess(pipeline)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medidiff",
@@ -147,15 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("pipeline", help="a pipeline YAML file or a built-in name (see pipelines/)")
     batch.add_argument("input", help="folder, .zip, DICOMDIR or single file (never modified)")
     batch.add_argument("-o", "--output", required=True, help="output folder (created; re-runs resume)")
-    where = batch.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="N local Dask worker processes (default 1); 0: in this process, without Dask")
-    where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (its workers "
-                       "must see INPUT and OUTPUT at the same paths)")
-    batch.add_argument("--max-attempts", type=_positive_int, default=3,
-                       help="quarantine a study after this many failed attempts (default 3)")
-    batch.add_argument("--retry-delay", type=float, default=5.0,
-                       help="seconds before the first retry of a failed study, doubled each time (default 5)")
+    _add_running(batch, default_workers=1)
     batch.add_argument("--retry-quarantined", action="store_true", help="give quarantined studies a new chance")
     _add_sending(batch)
 
@@ -165,8 +193,10 @@ def _parser() -> argparse.ArgumentParser:
 
     listen = sub.add_parser("listen", help="a DICOM C-STORE SCP: run a pipeline on each received study, "
                             "send the results by C-STORE", description="Receive studies by C-STORE (and answer "
-                            "C-ECHO), run PIPELINE on each study once no instance arrived for --idle-seconds, and "
-                            "send every derived DICOM file to --destination (retried until it answers). Logs are "
+                            "C-ECHO), queue each study once no instance arrived for --idle-seconds in OUT/.medidiff/queue.sqlite, "
+                            "run PIPELINE on it (in this process or on Dask workers; retried, then quarantined) and "
+                            "send every derived DICOM file to --destination (retried until it answers). A killed "
+                            "listener picks up where it stopped when started again. Logs are "
                             "JSON lines on stderr with hashed keys only. Stop with Ctrl-C or SIGTERM.")
     listen.add_argument("pipeline", help="a pipeline YAML file or a built-in name (see pipelines/)")
     listen.add_argument("--ae-title", required=True, help="this listener's AE title")
@@ -179,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(or by STOW-RS to a dicomweb://HOST:PORT/PATH)")
     listen.add_argument("--idle-seconds", type=float, default=30.0,
                         help="a study is complete after this long without a new instance (default 30)")
+    _add_running(listen, default_workers=0)
     return parser
 
 
@@ -330,23 +361,12 @@ def _reader_study(args) -> int:
 
 
 def _batch(args) -> int:
-    from medidiff.batch import InProcess, run_batch
-    from medidiff.errors import InputError
+    from medidiff.batch import run_batch
     from medidiff.pipeline import Pipeline
 
-    if args.workers < 0:
-        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more worker processes")
-    if args.retry_delay < 0:
-        raise InputError(f"--retry-delay {args.retry_delay}: give 0 or more seconds")
     destination = _destination(args.to)
-    pipeline = Pipeline.from_yaml(args.pipeline)
-    if args.scheduler or args.workers:
-        from medidiff.scaleout import DaskExecutor
-
-        executor = DaskExecutor(workers=args.workers, scheduler=args.scheduler)
-    else:
-        executor = InProcess(pipeline)
-    with executor:
+    pipeline = Pipeline.from_yaml(args.pipeline, build=_in_process(args))
+    with _executor(args, pipeline) as executor:
         summary = run_batch(pipeline, args.input, args.output, executor, max_attempts=args.max_attempts,
                             retry_delay=args.retry_delay, retry_quarantined=args.retry_quarantined,
                             destination=destination, send_tries=args.send_tries)
@@ -378,13 +398,14 @@ def _listen(args) -> int:
     from medidiff.pipeline import Pipeline
 
     destination = parse_destination(args.destination, args.ae_title) if args.destination else None
-    pipeline = Pipeline.from_yaml(args.pipeline)
-    listener = Listener(pipeline, args.output, ae_title=args.ae_title, port=args.port, bind=args.bind,
-                        allowed=args.allow, destination=destination, idle_seconds=args.idle_seconds)
+    pipeline = Pipeline.from_yaml(args.pipeline, build=_in_process(args))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    listener.serve(stop)
+    with _executor(args, pipeline) as executor:
+        Listener(pipeline, args.output, ae_title=args.ae_title, port=args.port, bind=args.bind, allowed=args.allow,
+                 destination=destination, idle_seconds=args.idle_seconds, executor=executor,
+                 max_attempts=args.max_attempts, retry_delay=args.retry_delay).serve(stop)
     return 0
 
 

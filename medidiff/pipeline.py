@@ -83,15 +83,16 @@ class StageCall:
     line: int
     param_lines: dict[str, int] = field(default_factory=dict)
 
-    def build(self) -> Callable:
-        """Check the parameters and instantiate the stage (a callable item -> item)."""
+    def build(self, instantiate: bool = True) -> Callable:
+        """Check the parameters and instantiate the stage (a callable item -> item); with ``instantiate=False``
+        check the names and types only (no model is loaded) and return the factory."""
         from medidiff.stages.registry import ParameterError, check_parameter_types
 
         factory = _resolve_factory(self.name, self.line)
         _check_names(self, factory)
         try:
             check_parameter_types(factory, self.params)
-            return factory(**self.params)
+            return factory(**self.params) if instantiate else factory
         except ParameterError as exc:
             line = self.param_lines.get(exc.key, self.line)
             raise PipelineError(f"line {line}: stage {self.name!r}: {exc}") from None
@@ -112,14 +113,16 @@ class Pipeline:
     text: str = ""
 
     @classmethod
-    def from_yaml(cls, path_or_name: str | Path) -> Pipeline:
+    def from_yaml(cls, path_or_name: str | Path, *, build: bool = True) -> Pipeline:
         """Load a pipeline from a YAML file or a built-in name (see :func:`resolve_pipeline_path`)."""
         path = resolve_pipeline_path(path_or_name)
-        return cls.from_text(path.read_text(encoding="utf-8"), source=str(path))
+        return cls.from_text(path.read_text(encoding="utf-8"), source=str(path), build=build)
 
     @classmethod
-    def from_text(cls, text: str, source: str = "<text>") -> Pipeline:
-        """Parse and validate YAML text; errors name ``source``, the key and the line."""
+    def from_text(cls, text: str, source: str = "<text>", *, build: bool = True) -> Pipeline:
+        """Parse and validate YAML text; errors name ``source``, the key and the line. ``build=False``: check the
+        stages' names and parameter types without building them (no model loaded), for a process whose
+        workers run the pipeline (they build it and report what the values do not allow)."""
         try:
             root = yaml.compose(text)
         except yaml.YAMLError as exc:
@@ -128,7 +131,11 @@ class Pipeline:
             raise PipelineError(f"{source}: a pipeline file must be a mapping with 'name' and 'stages'")
         try:
             pipeline = _parse(root, source, text)
-            pipeline._built = pipeline.build()
+            if build:
+                pipeline._built = pipeline.build()
+            else:
+                for call in pipeline.stages:
+                    call.build(instantiate=False)
         except PipelineError as exc:
             raise PipelineError(f"{source}: {exc}") from None
         return pipeline

@@ -9,7 +9,13 @@ and one described ``FLAKY`` fails on its first start only.
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
+
+import pydicom
+
+from tests.studies import ct_series_copies
 
 RECORDER = '''
 import os
@@ -65,3 +71,23 @@ def starts(log: Path) -> list[tuple[str, str]]:
 def loads(log: Path) -> list[str]:
     """The pid of every recorded pipeline build."""
     return [line.split()[1] for line in log.read_text().splitlines() if line.startswith("load ")]
+
+
+def described_studies(folder: Path, descriptions: list[str]) -> list[Path]:
+    """One single-image CT study per description (its SeriesDescription: FAILS, FLAKY or any other)."""
+    paths = ct_series_copies(folder, len(descriptions))
+    for path, description in zip(paths, descriptions, strict=True):
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = description
+        ds.save_as(path)
+    return paths
+
+
+def journal_states(out: Path) -> list[str]:
+    """The state of every series in the run journal of output folder ``out`` ([] before there is one)."""
+    path = out / ".medidiff" / "journal.sqlite"
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:  # never creates it
+            return [row[0] for row in db.execute("SELECT state FROM series_runs")]
+    except sqlite3.OperationalError:
+        return []

@@ -116,21 +116,26 @@ def derived_series(url: str, description: str = DERIVED_DESCRIPTION) -> list[dic
     return found
 
 
+def listen_command(folder: Path, port: int, destination: str | None = None, idle_seconds: float = 1.0,
+                   pipeline: str = "normalize-preview", *options: str) -> list[str]:
+    """`medidiff listen PIPELINE` into ``folder/out`` on loopback, accepting the pusher's AE, with ``options``."""
+    args = [*CLI, "listen", pipeline, "--ae-title", LISTENER_AE, "--port", str(port), "--bind",
+            "127.0.0.1", "-o", str(folder / "out"), "--allow", PUSHER_AE, "--idle-seconds", str(idle_seconds), *options]
+    return args + ["--destination", destination] if destination else args
+
+
 @contextlib.contextmanager
 def listener(folder: Path, port: int, destination: str | None = None, idle_seconds: float = 1.0,
-             pipeline: str = "normalize-preview"):
-    """`medidiff listen PIPELINE` into ``folder/out``; yields its JSON-lines log; stops it with SIGTERM and checks
-    that it stopped cleanly."""
-    args = [*CLI, "listen", pipeline, "--ae-title", LISTENER_AE, "--port", str(port), "--bind",
-            "127.0.0.1", "-o", str(folder / "out"), "--allow", PUSHER_AE, "--idle-seconds", str(idle_seconds)]
-    if destination:
-        args += ["--destination", destination]
+             pipeline: str = "normalize-preview", *options: str, env: dict | None = None):
+    """:func:`listen_command` in a subprocess; yields its JSON-lines log (``folder/listener.log``); stops it with
+    SIGTERM and checks that it stopped cleanly."""
     log = folder / "listener.log"
     with open(log, "ab") as stderr:
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(listen_command(folder, port, destination, idle_seconds, pipeline, *options),
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     stops_before = len(events(log, "stopped"))
     try:
-        wait_for(lambda: echo(port, PUSHER_AE) or process.poll() is not None, "listener start", log=log)
+        wait_for(lambda: echo(port, PUSHER_AE) or process.poll() is not None, "listener start", 600, log)
         assert process.poll() is None, log.read_text()
         yield log
     finally:

@@ -18,7 +18,7 @@ import pytest
 from medidiff.batch import InProcess, run_batch
 from medidiff.output_folder import check_manifest
 from medidiff.pipeline import Pipeline
-from tests.batch_stages import recording_pipeline, starts
+from tests.batch_stages import described_studies, journal_states, recording_pipeline, starts
 from tests.cli_runner import CLI, assert_user_error, medidiff
 from tests.disks import tiny_tmpfs
 from tests.orthanc import wait_for
@@ -33,16 +33,6 @@ def _history(out: Path) -> list[tuple[str, str, int]]:
 def _series_folders(out: Path) -> list[Path]:
     """Every series folder (hidden partial ones included) outside .medidiff/."""
     return sorted(p for p in out.glob("*/*") if p.is_dir() and p.parent.name != ".medidiff")
-
-
-def _described(folder: Path, descriptions: list[str]) -> list[Path]:
-    """One single-image CT study per description (its SeriesDescription)."""
-    paths = ct_series_copies(folder, len(descriptions))
-    for path, description in zip(paths, descriptions, strict=True):
-        ds = pydicom.dcmread(path)
-        ds.SeriesDescription = description
-        ds.save_as(path)
-    return paths
 
 
 def test_killed_batch_resumes_and_finishes_each_study_exactly_once(tmp_path):
@@ -83,7 +73,7 @@ def test_killed_batch_resumes_and_finishes_each_study_exactly_once(tmp_path):
 def test_flaky_study_retried_failing_study_quarantined_with_its_reason(tmp_path, monkeypatch):
     pipeline_file, env, log = recording_pipeline(tmp_path)
     monkeypatch.syspath_prepend(env["PYTHONPATH"])
-    paths = _described(tmp_path / "in", ["FINE", "FLAKY", "FAILS"])
+    paths = described_studies(tmp_path / "in", ["FINE", "FLAKY", "FAILS"])
     uids = [pydicom.dcmread(p).StudyInstanceUID for p in paths]
     pipeline, out = Pipeline.from_yaml(pipeline_file), tmp_path / "out"
 
@@ -143,12 +133,12 @@ def test_full_output_disk_fails_cleanly_then_the_retry_succeeds(tiny_disk, tmp_p
              "the failed first attempt")
     assert "No space left on device" in _queue_rows(tiny_disk, "SELECT reason FROM items")[0][0]
     assert not _series_folders(tiny_disk)  # no partial folder left
-    assert _journal_states(tiny_disk) == ["failed"]  # nothing marked done
+    assert journal_states(tiny_disk) == ["failed"]  # nothing marked done
     filler.unlink()
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stdout + stderr
     (folder,) = _series_folders(tiny_disk)
-    assert check_manifest(folder) is None and _journal_states(tiny_disk) == ["done"]
+    assert check_manifest(folder) is None and journal_states(tiny_disk) == ["done"]
     failed = [json.loads(line) for line in stderr.splitlines() if '"study_failed"' in line]
     assert len(failed) == 1 and "file system error" in failed[0]["reason"]
 
@@ -159,8 +149,3 @@ def _queue_rows(out: Path, query: str) -> list:
             return db.execute(query).fetchall()
     except sqlite3.OperationalError:
         return []
-
-
-def _journal_states(out: Path) -> list[str]:
-    with closing(sqlite3.connect(out / ".medidiff" / "journal.sqlite")) as db:
-        return [r[0] for r in db.execute("SELECT state FROM series_runs")]

@@ -7,17 +7,20 @@ Orthanc tests skip only when that is impossible.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import time
 
+import psutil
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 
-from medidiff.output_folder import OutputFolder
+from tests.batch_stages import described_studies, recording_pipeline, starts
 from tests.cli_runner import assert_user_error, medidiff
 from tests.disks import tiny_tmpfs
 from tests.orthanc import (
@@ -28,6 +31,7 @@ from tests.orthanc import (
     echo,
     events,
     free_port,
+    listen_command,
     listener,
     orthanc,
     orthanc_binary,
@@ -60,9 +64,11 @@ def test_study_round_trip_to_orthanc_once_even_when_sent_twice(orthanc_path, tmp
         assert "DERIVED" in derived[0]["image_type"]
 
         assert push(study, listen_port) == [0x0000]  # the same study again
-        second = wait_for(lambda: len(events(log, "study_processed")) >= 2 and events(log, "study_processed")[1],
-                          "second processing", log=log)
-        assert (second["done"], second["already_done"], second["queued"]) == (0, 1, 0)
+        second = wait_for(lambda: len(events(log, "study_complete")) >= 2 and events(log, "study_complete")[1],
+                          "the second arrival's completion", log=log)
+        assert second["state"] == "done"  # same instances, outputs intact: not run again
+        (done,) = events(log, "study_done")
+        assert (done["done"], done["queued"]) == (1, 1)
         assert derived_series(url) == derived
     assert len(list((tmp_path / "out").glob("*/*/manifest.json"))) == 1
     assert study_uid not in log.read_text()
@@ -92,7 +98,7 @@ def test_outbox_survives_a_listener_restart(orthanc_path, tmp_path):
             listener(tmp_path, listen_port, destination):
         derived = wait_for(lambda: derived_series(url), "delivery by the restarted listener", log=log)
     assert [(d["study_uid"], d["instances"]) for d in derived] == [(pydicom.dcmread(study[0]).StudyInstanceUID, 1)]
-    assert len(events(log, "study_processed")) == 1  # the restart did not redo the study
+    assert len(events(log, "study_done")) == 1  # the restart did not redo the study
 
 
 def test_unknown_ae_non_image_garbage_and_second_listener_refused_listener_keeps_serving(tmp_path):
@@ -125,17 +131,48 @@ def test_unknown_ae_non_image_garbage_and_second_listener_refused_listener_keeps
     assert not list((tmp_path / "out" / ".medidiff" / "listener" / "incoming").glob("*/*.dcm"))
 
 
-def test_study_postponed_while_the_output_folder_is_busy_then_processed(tmp_path):
-    port = free_port()
-    study = ct_series_copies(tmp_path / "in", 1)
-    with listener(tmp_path, port) as log:
-        with OutputFolder(tmp_path / "out").lock():  # as a `medidiff run` on the same folder would
-            assert push(study, port) == [0x0000]
-            postponed = wait_for(lambda: events(log, "study_postponed"), "a postponed study", log=log)
-            assert "in use by another medidiff run" in postponed[0]["reason"]
-            assert not events(log, "study_processed")
-        processed = wait_for(lambda: events(log, "study_processed"), "the study once the folder is free", log=log)
-    assert (processed[0]["study"], processed[0]["done"]) == (postponed[0]["study"], 1)
+def test_listener_killed_with_a_study_on_a_dask_worker_and_two_queued_loses_none_and_repeats_none(
+        orthanc_path, tmp_path):
+    pipeline, env, log = recording_pipeline(tmp_path, hold_at=1)
+    held, waits, fails = described_studies(tmp_path / "in", ["HELD", "WAITS", "FAILS"])
+    listen_port, pacs_port = free_port(), free_port()
+    destination = f"{ORTHANC_AE}@127.0.0.1:{pacs_port}"
+    retries = ("--max-attempts", "2", "--retry-delay", "0.1")
+    with orthanc(orthanc_path, tmp_path / "orthanc", pacs_port, listen_port) as url:
+        first_log = tmp_path / "first.log"
+        with open(first_log, "wb") as stderr:
+            first = subprocess.Popen(listen_command(tmp_path, listen_port, destination, 1.0, str(pipeline), *retries,
+                                                    "--workers", "1"), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for(lambda: echo(listen_port, PUSHER_AE), "the listener with its Dask worker", 600, first_log)
+            assert push([held], listen_port) == [0x0000]
+            worker_pid, held_key = wait_for(lambda: log.exists() and starts(log) and starts(log)[0],
+                                            "the held study's start on the worker", log=first_log)
+            assert push([waits, fails], listen_port) == [0x0000, 0x0000]
+            wait_for(lambda: len(events(first_log, "study_complete")) == 3, "both studies queued", log=first_log)
+        finally:
+            first.kill()  # SIGKILL: one study mid-run on the worker, two received and queued, not started
+            first.wait()
+        assert [e["state"] for e in events(first_log, "study_complete")] == ["pending"] * 3
+        wait_for(lambda: not psutil.pid_exists(int(worker_pid)), "the worker's end with its listener")
+        assert not derived_series(url)
+
+        (tmp_path / "release").touch()
+        with listener(tmp_path, listen_port, destination, 1.0, str(pipeline), *retries, env=env) as second_log:
+            wait_for(lambda: len(derived_series(url)) == 2 and events(second_log, "study_quarantined"),
+                     "two studies in Orthanc and one quarantined", log=second_log)
+        derived = derived_series(url)
+    uids = {pydicom.dcmread(path).StudyInstanceUID for path in (held, waits)}
+    assert sorted((d["study_uid"], d["instances"]) for d in derived) == sorted((uid, 1) for uid in uids)
+    assert [e["event"] for e in events(second_log, "study_interrupted")] == ["study_interrupted"]
+    keys = [key for _, key in starts(log)]
+    assert keys.count(held_key) == 2 and len(keys) == 5 and len(set(keys)) == 3  # held redone once, FAILS twice
+    assert sorted(keys.count(k) for k in set(keys)) == [1, 2, 2]
+    health = json.loads(medidiff("status", tmp_path / "out").stdout)
+    assert health["queue"]["studies"] == {"pending": 0, "running": 0, "done": 2, "quarantined": 1}
+    assert "this series is fails" in health["queue"]["quarantined"][0]["reason"]
+    assert health["outboxes"] == {"listener/outbox": {}}  # everything sent
+    assert not any(uid in second_log.read_text() for uid in uids)
 
 
 @pytest.fixture
@@ -159,7 +196,7 @@ def test_full_spool_disk_refuses_the_instance_and_keeps_serving(tiny_disk, tmp_p
 
         filler.unlink()
         assert push(study, port) == [0x0000]
-        processed = wait_for(lambda: events(log, "study_processed"), "the study once there is room", log=log)
+        processed = wait_for(lambda: events(log, "study_done"), "the study once there is room", log=log)
     assert processed[0]["done"] == 1
 
 
@@ -192,5 +229,5 @@ def test_malformed_associations_are_dropped_and_the_listener_keeps_serving(tmp_p
             assert echo(port, PUSHER_AE), name
         study = ct_series_copies(tmp_path / "in", 1)
         assert push(study, port) == [0x0000]
-        wait_for(lambda: events(log, "study_processed"), "the study after the malformed associations", log=log)
+        wait_for(lambda: events(log, "study_done"), "the study after the malformed associations", log=log)
     assert "Traceback" not in log.read_text()

@@ -5,12 +5,16 @@ derived series later: retried, queued in the output folder's outbox, delivered b
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+from contextlib import closing
 
 import pydicom
 import pytest
 
-from tests.cli_runner import assert_user_error, medidiff
-from tests.orthanc import derived_series, free_port, orthanc, orthanc_binary, upload
+from tests.batch_stages import journal_states, recording_pipeline, starts
+from tests.cli_runner import CLI, assert_user_error, medidiff
+from tests.orthanc import derived_series, free_port, orthanc, orthanc_binary, upload, wait_for
 from tests.studies import ct_series_copies
 
 
@@ -88,6 +92,34 @@ def test_store_to_a_stopped_server_is_queued_then_delivered_by_the_next_run(orth
         third = medidiff("run", "normalize-preview", tmp_path / "in", "-o", tmp_path / "out", "--to", service,
                          "--no-progress")
         assert third.returncode == 0 and len(derived_series(url)) == 1
+
+
+def test_batch_killed_between_finishing_a_series_and_queuing_it_sends_it_once_on_resume(orthanc_path, tmp_path):
+    pipeline, env, log = recording_pipeline(tmp_path, hold_at=1)
+    (study,) = ct_series_copies(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port(), dicomweb=True) as url:
+        service = url.replace("http://", "dicomweb://") + "/dicom-web"
+        args = [*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(out), "--workers", "0", "--to", service]
+        first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: log.exists() and starts(log), "the study's start (held in the pipeline)")
+        (outbox,) = out.glob(".medidiff/outbox/*/outbox.sqlite")
+        with closing(sqlite3.connect(outbox, isolation_level=None)) as db:
+            db.execute("BEGIN EXCLUSIVE")  # the batch cannot queue anything for sending now
+            (tmp_path / "release").touch()
+            wait_for(lambda: journal_states(out) == ["done"], "the finished series in the journal")
+            first.kill()  # SIGKILL: the series is done, not queued for sending
+            first.communicate()
+            assert db.execute("SELECT COUNT(*) FROM items").fetchone() == (0,)
+            db.execute("ROLLBACK")
+        assert not derived_series(url)
+
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0 and "nothing waiting" in second.stdout, second.stdout + second.stderr
+        assert "1 done now" in second.stdout  # the interrupted study, redone: its series already done
+        assert [(d["study_uid"], d["instances"]) for d in derived_series(url)] == \
+            [(pydicom.dcmread(study).StudyInstanceUID, 1)]
+    assert len(starts(log)) == 1  # run once, sent once
 
 
 def test_bad_dicomweb_arguments_are_one_line_errors(tmp_path):

@@ -1,11 +1,15 @@
 """`medidiff listen`: a C-STORE/C-ECHO SCP that runs a pipeline on each complete study and sends the results.
 
-Received image instances go to the spool (:mod:`~medidiff.dicomnet.studies`); a study with no new
-instance for ``idle_seconds`` is run with :func:`medidiff.executor.run_pipeline` from its spool folder
-into the output folder (whose journal skips series already done, so a study sent twice is not redone);
-every DICOM file of a newly done series is queued in the outbox (:mod:`~medidiff.dicomnet.outbox`)
-and sent to the destination (C-STORE, or STOW-RS for a DICOMweb URL). Associations from calling AE titles outside ``allowed`` are rejected,
-and SOP classes other than images are not accepted.
+Received image instances go to the spool (:mod:`~medidiff.dicomnet.studies`), where they stay. A study
+with no new instance for ``idle_seconds`` is queued in the output folder's durable work queue
+(:mod:`medidiff.batch_queue`) and run by the same :class:`medidiff.batch.Dispatcher` as `medidiff batch`:
+in this process or on Dask workers, retried after a backoff, quarantined with its reason after
+``max_attempts`` failures. The DICOM files of its done series are queued in the outbox
+(:mod:`~medidiff.dicomnet.outbox`) and sent to the destination (C-STORE, or STOW-RS for a DICOMweb
+URL). A listener killed at any point picks up on restart: studies received but not queued, queued but
+not run, or interrupted mid-run (redone once); series done but not yet queued for sending are queued
+then. Associations from calling AE titles outside ``allowed`` are rejected, and SOP classes other than
+images are not accepted. The listener holds the output folder's lock while it runs.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+from medidiff.batch import Dispatcher, InProcess, outputs_intact, study_digest
+from medidiff.batch_queue import WorkQueue
 from medidiff.dicomnet.events import emit
 from medidiff.dicomnet.outbox import Outbox
 from medidiff.dicomnet.studies import StudySpool
 from medidiff.errors import InputError, MedidiffError
-from medidiff.output_folder import STATE_DIR, OutputFolder
+from medidiff.output_folder import OutputFolder
 from medidiff.pipeline import Pipeline
 
 LISTENER_DIR = "listener"  # in OUT/.medidiff/: incoming/ (the spool) and outbox/
@@ -44,46 +50,91 @@ def image_storage_classes() -> list[str]:
 
 
 class Listener:
-    """The SCP and its processing loop; :meth:`serve` runs until ``stop`` is set."""
+    """The SCP and its processing loop; :meth:`serve` runs until ``stop`` is set. ``executor``: an entered
+    :class:`medidiff.scaleout.DaskExecutor`, or None to run studies in this process."""
 
     def __init__(self, pipeline: Pipeline, output: str | Path, *, ae_title: str, port: int, bind: str = "0.0.0.0",
-                 allowed: list[str] | None = None, destination=None,
-                 idle_seconds: float = 30.0):
-        self.pipeline, self.output = pipeline, Path(output)
+                 allowed: list[str] | None = None, destination=None, idle_seconds: float = 30.0, executor=None,
+                 max_attempts: int = 3, retry_delay: float = 5.0):
+        self.pipeline, self.out = pipeline, OutputFolder(output)
         self.ae_title = check_ae_title(ae_title, "--ae-title")
         self.allowed = [check_ae_title(a, "--allow") for a in allowed or []]
         self.address, self.destination, self.idle_seconds = (bind, port), destination, idle_seconds
-        self.work_dir = self.output / STATE_DIR / LISTENER_DIR
+        self.executor = executor or InProcess(pipeline)
+        self.max_attempts, self.retry_delay = max_attempts, retry_delay
+        self.work_dir = self.out.state_dir / LISTENER_DIR
 
     def serve(self, stop: threading.Event) -> None:
-        """Listen, process complete studies and deliver results until ``stop`` is set."""
+        """Listen, queue and run complete studies and deliver results until ``stop`` is set."""
         from medidiff.io.privacy import output_salt
 
-        work = OutputFolder(self.work_dir)  # its lock keeps a second listener off this output folder
         try:
-            work.state_dir.mkdir(parents=True, exist_ok=True)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create {self.work_dir}: {exc.strerror}; choose another folder with --output") \
                 from None
-        with work.lock(), output_salt(self.output / STATE_DIR) as salt:
+        with self.out.lock(), output_salt(self.out.state_dir) as salt:
             spool = StudySpool(self.work_dir / "incoming", salt)
-            outbox = self.destination and Outbox(self.work_dir / "outbox", self.destination)
-            server = self._start_server(spool)
+            queue = WorkQueue(self.out.state_dir, self.pipeline.digest, max_attempts=self.max_attempts,
+                              first_delay=self.retry_delay)
+            outbox = Outbox(self.work_dir / "outbox", self.destination) if self.destination else None
+            dispatcher = Dispatcher(queue, self.pipeline, self.out, self.executor, outbox)
+            server = None
             try:
+                self._resume(queue, spool, dispatcher)
+                server = self._start_server(spool)
                 while not stop.is_set():
                     for study in spool.complete(self.idle_seconds):
-                        self._process(study, spool, outbox)
+                        if study not in dispatcher.running:  # new instances of a running study: queued after it
+                            self._enqueue(study, spool, queue, dispatcher)
+                    dispatcher.step(POLL_SECONDS)
                     if outbox:
                         outbox.deliver()
-                    stop.wait(POLL_SECONDS)
+                    if not dispatcher.running:
+                        stop.wait(POLL_SECONDS)
             finally:
-                server.shutdown()
+                if server:
+                    server.shutdown()
                 spool.close()
+                queue.close()
                 if outbox:
                     emit("stopped", pending=outbox.pending())
                     outbox.close()
                 else:
                     emit("stopped")
+
+    def _resume(self, queue: WorkQueue, spool: StudySpool, dispatcher: Dispatcher) -> None:
+        """Studies a stopped or killed listener queued (or was running) get their series again."""
+        for study in queue.recover():
+            emit("study_interrupted", study=study, state=queue.state(study))
+        for study in queue.studies("pending"):
+            if spool.folder(study).is_dir():  # not a study of a `medidiff batch` on the same folder
+                dispatcher.studies[study] = self._series(study, spool)[0]
+
+    def _series(self, study: str, spool: StudySpool) -> tuple[list, int]:
+        """The series in a study's spool folder (picklable, for Dask) and how many of its files could not be read."""
+        from dataclasses import replace
+
+        from medidiff.io.discovery import discover
+
+        inventory = discover(spool.folder(study))
+        return [replace(s, keepalive=None) for s in inventory.series], len(inventory.refused)
+
+    def _enqueue(self, study: str, spool: StudySpool, queue: WorkQueue, dispatcher: Dispatcher) -> None:
+        """Queue a complete study (pending unless done or quarantined with the same instances)."""
+        started = time.time()
+        try:
+            series, unreadable = self._series(study, spool)
+            queue.enqueue({study: study_digest(series)},
+                          intact=lambda key: outputs_intact(key, series, self.pipeline, self.out))
+        except (MedidiffError, OSError) as exc:  # e.g. the output disk is full: try again later
+            reason = str(exc) if isinstance(exc, MedidiffError) else f"file system error ({exc.strerror})"
+            emit("study_postponed", study=study, reason=reason, retry_in_seconds=self.idle_seconds)
+            spool.touch(study)
+            return
+        dispatcher.studies[study] = series
+        spool.mark_processed(study, started)
+        emit("study_complete", study=study, series=len(series), unreadable=unreadable, state=queue.state(study))
 
     def _start_server(self, spool: StudySpool):
         from pydicom.uid import AllTransferSyntaxes
@@ -123,22 +174,3 @@ class Listener:
             return STATUS_OUT_OF_RESOURCES
         emit("received", study=study, calling_ae=event.assoc.requestor.ae_title)
         return 0x0000
-
-    def _process(self, study: str, spool: StudySpool, outbox: Outbox | None) -> None:
-        """Run the pipeline on one complete study; queue the DICOM files of newly done series."""
-        from medidiff.executor import run_pipeline
-
-        started = time.time()
-        try:
-            report = run_pipeline(self.pipeline, spool.folder(study), self.output, progress=False)
-        except (MedidiffError, OSError) as exc:  # e.g. OUT in use by a `medidiff run`, disk full: try again later
-            reason = str(exc) if isinstance(exc, MedidiffError) else f"file system error ({exc.strerror})"
-            emit("study_postponed", study=study, reason=reason, retry_in_seconds=self.idle_seconds)
-            spool.touch(study)
-            return
-        spool.mark_processed(study, started)
-        queued = outbox.add_outputs(report.results, self.output) if outbox else 0
-        emit("study_processed", study=study, **{state.replace(" ", "_"): report.count(state) for state in
-             ("done", "already done", "failed", "skipped")}, unreadable=len(report.refused), queued=queued,
-             seconds=round(report.seconds, 3),
-             failures=[{"series": r.series, "reason": r.message} for r in report.results if r.state == "failed"])

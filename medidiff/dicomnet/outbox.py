@@ -1,7 +1,10 @@
 """The durable outbox: derived DICOM files waiting to be sent to a destination, by C-STORE or STOW-RS.
 
 Each file is hard-linked (or copied) into ``ROOT/<id>.dcm`` and queued in ``ROOT/outbox.sqlite``, so
-nothing is lost when the destination is down or the sender restarts. A failed send is retried with
+nothing is lost when the destination is down or the sender restarts. A series is queued whole, in one
+transaction that also records it (its key and the digest of its manifest) as queued: queuing is
+idempotent, so callers queue every done series (done now or already done) and a process killed between
+finishing a series and queuing it sends it on its next run, once. A failed send is retried with
 exponential backoff (capped); a file the destination keeps refusing is given up after a few refusals
 and logged (state ``refused``; ``lost`` for a file gone from the outbox). Sent files leave the outbox.
 A destination is ``AE@host:port`` (:class:`Destination`, C-STORE) or a DICOMweb URL
@@ -22,8 +25,11 @@ from pathlib import Path
 from medidiff.dicomnet.events import emit
 from medidiff.errors import InputError
 
-SCHEMA = ("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, study TEXT NOT NULL, state TEXT NOT NULL, "
-          "attempts INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL)")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, study TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS queued (series TEXT NOT NULL, version TEXT NOT NULL, PRIMARY KEY (series, version));
+"""
 CONNECT_TIMEOUT_SECONDS = 10  # an unreachable destination must not stall the listener's loop for long
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings
 SENT, FAILED, REFUSED, LOST = "sent", "failed", "refused", "lost"  # outcomes of one file
@@ -102,7 +108,7 @@ def outbox_folder(state_dir: Path, destination) -> Path:
 
 
 def deliver_outputs(results, output: Path, destination, tries: int) -> tuple[int, Path]:
-    """Queue the DICOM files of the newly done series among ``results`` in the output folder's outbox for
+    """Queue the DICOM files of the done series among ``results`` not queued before in the output folder's outbox for
     ``destination`` and deliver them, with whatever is still pending there, in up to ``tries`` rounds (under
     the output folder's lock: one sender at a time); returns (instances still pending, the outbox folder)."""
     from medidiff.output_folder import OutputFolder
@@ -127,30 +133,48 @@ class Outbox:
         self.first_delay, self.max_delay, self.max_refusals = first_delay, max_delay, max_refusals
         self.root.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.root / "outbox.sqlite", isolation_level=None)
-        self._db.execute(SCHEMA)
+        self._db.executescript(SCHEMA)
 
-    def add(self, path: Path, study: str) -> None:
-        """Queue ``path`` (kept as the outbox's own link or copy) for sending."""
-        item = self._db.execute("INSERT INTO items (study, state, next_try) VALUES (?, 'pending', 0)",
-                                (study,)).lastrowid
+    def add_outputs(self, results, output: Path) -> int:
+        """Queue the DICOM files of the done series among ``results`` (a report's, done now or already done)
+        that were not queued before as they are now; returns how many files were queued."""
+        return sum(self._add_series(result, Path(output)) for result in results
+                   if result.state in ("done", "already done"))
+
+    def _add_series(self, result, output: Path) -> int:
+        """Queue one series' DICOM files and record it as queued, in one transaction (0 if it was queued)."""
+        from pydicom.misc import is_dicom
+
+        from medidiff.output_folder import MANIFEST
+
+        key = f"{result.study}/{result.series}"
+        try:
+            version = hashlib.sha256((output / key / MANIFEST).read_bytes()).hexdigest()[:32]
+        except OSError:  # no finished folder (removed since): nothing to send
+            return 0
+        files = [output / name for name in result.outputs if is_dicom(output / name)]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._db.execute("SELECT 1 FROM queued WHERE series = ? AND version = ?", (key, version)).fetchone():
+                files = []
+            for path in files:
+                self._link(path, self._db.execute("INSERT INTO items (study, state, next_try) VALUES (?, 'pending', 0)",
+                                                  (result.study,)).lastrowid)
+            self._db.execute("INSERT OR IGNORE INTO queued VALUES (?, ?)", (key, version))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return len(files)
+
+    def _link(self, path: Path, item: int) -> None:
+        """The outbox's own link to (or copy of) ``path`` for ``item`` (replacing one a killed process left)."""
         target = self._file(item)
+        target.unlink(missing_ok=True)
         try:
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
-
-    def add_outputs(self, results, output: Path) -> int:
-        """Queue the DICOM files of the newly done series among ``results`` (a report's); returns how many."""
-        from pydicom.misc import is_dicom
-
-        queued = 0
-        for result in results:
-            if result.state == "done":
-                for name in result.outputs:
-                    if is_dicom(Path(output) / name):
-                        self.add(Path(output) / name, result.study)
-                        queued += 1
-        return queued
 
     def pending(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM items WHERE state = 'pending'").fetchone()[0]
