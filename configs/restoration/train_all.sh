@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The exact commands behind the shipped restoration weights (models/restoration/<task>/; the model
+# cards say how long each took). Run from the repository root after `make drr-data` (the training CT).
+# CPU, one thread per run (two runs side by side on a 2-core machine); budgets are wall-clock
+# minutes in the configs, so a busier machine trains fewer steps. Run folders:
+# ~/.cache/medidiff/runs/<name>; a stopped command resumes from its checkpoint.
+set -euo pipefail
+PYTHON=${PYTHON:-python}
+C=configs/restoration
+train() { OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.train "$@"; }
+ship() { train "$C/$1_$2.yaml" --export "models/restoration/$1"; }
+
+# 4x MR super-resolution: ResShift (T = 4) and the same-budget UNet regression, side by side
+ship mr_sr4 resshift & ship mr_sr4 regression & wait
+# low-dose CT denoising: ResShift (T = 4) and the regression (UPSR's uncertainty estimator too)
+ship ct_denoise resshift & ship ct_denoise regression & wait
+# the one-step student of the CT ResShift teacher; ResShift T = 15 for the 4-vs-15-step comparison
+ship ct_denoise one_step & ship ct_denoise resshift15 & wait
+# the other processes on the same backbone and data
+ship ct_denoise resfusion & ship ct_denoise rddm & wait
+ship ct_denoise upsr
+# plug-and-play: the optimal boundary condition of the CT ResShift model (written into resshift.json)
+OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary ct_denoise
