@@ -130,3 +130,18 @@ def test_one_step_student_trains_exports_and_restores(tmp_path):
     assert student.config["method"] == "one_step" and student.noise_maps() == 1
     assert student.config["training"]["final_metrics"]["critic"] > 0
     assert student.restore(image(16)).shape == (1, 1, 64, 64)
+
+
+def test_structure_modulated_noise_shifts_the_mean_per_segment_only():
+    """SAM-DiffSR: one added value per segment (from its position), none with strength 0."""
+    from medidiff.diffusion.structure_noise import structure_modulated_noise
+
+    clean = torch.zeros(1, 1, 64, 64)
+    clean[..., :, 32:] = 1.0  # two regions at least
+    noise = torch.randn(1, 1, 64, 64)
+    shift = structure_modulated_noise(noise, clean, strength=0.3) - noise
+    assert 2 <= len(torch.unique(shift.round(decimals=5))) <= 40
+    assert shift.abs().max() > 0.01 and shift.abs().max() <= 0.3 + 1e-6
+    left, right = shift[..., :, :32], shift[..., :, 32:]
+    assert not set(left.unique().tolist()) & set(right.unique().tolist())  # segments follow the edge
+    assert torch.equal(structure_modulated_noise(noise, clean, strength=0.0), noise)

@@ -18,6 +18,6 @@ ship ct_denoise resshift & ship ct_denoise regression & wait
 ship ct_denoise one_step & ship ct_denoise resshift15 & wait
 # the other processes on the same backbone and data
 ship ct_denoise resfusion & ship ct_denoise rddm & wait
-ship ct_denoise upsr
+ship ct_denoise upsr & ship ct_denoise samdiffsr & wait
 # plug-and-play: the optimal boundary condition of the CT ResShift model (written into resshift.json)
 OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary ct_denoise

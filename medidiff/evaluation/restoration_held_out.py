@@ -25,7 +25,7 @@ from medidiff.methods.restoration import Restoration
 from medidiff.metrics import psnr, ssim
 from medidiff.physics.degradations import upsample
 
-ORDER = ("input", "bicubic", "tv", "bm3d", "regression", "resshift", "resshift15", "upsr", "resfusion", "rddm",
+ORDER = ("input", "bicubic", "tv", "bm3d", "regression", "resshift", "resshift15", "samdiffsr", "upsr", "resfusion", "rddm",
          "one_step")
 CURVE_STEPS = (1, 2, 3, 5, 10)
 

@@ -4,7 +4,8 @@
 upsr, resfusion, rddm (the process makes ``x_t`` and the target; MSE loss) or regression (``y + net(y)``
 against the clean image, MSE) on random patch pairs of the task's training images
 (:func:`medidiff.datasets.restoration_images.training_pairs`). UPSR needs the task's trained
-regression model (``estimator:``) for its uncertainty map.
+regression model (``estimator:``) for its uncertainty map. ``structure_noise: {strength, segments}``
+trains with SAM-DiffSR's structure-modulated noise (:mod:`medidiff.diffusion.structure_noise`).
 
 ``kind: restoration_student`` distils a trained multi-step model (``teacher:``) into ``one_step``, a
 copy of it that maps the teacher's starting point ``x_T`` to ``x0`` in one pass, with the losses of
@@ -28,6 +29,7 @@ from medidiff.datasets import restoration_images as data
 from medidiff.diffusion.process import NoiseBank
 from medidiff.diffusion.resshift import UPSR
 from medidiff.diffusion.sampling import sample
+from medidiff.diffusion.structure_noise import structure_modulated_noise
 from medidiff.errors import InputError
 from medidiff.methods.restoration import PROCESSES, Restoration, build_net, make_process
 from medidiff.physics.degradations import upsample
@@ -98,6 +100,8 @@ class RestorationTask(_PairTask):
                 self.process.weigh_noise(y, self.estimator.sample(y, y[:, :0]))
         t = torch.randint(0, self.process.num_train_timesteps, (len(y),), device=self.device)
         noise = torch.randn_like(clean)
+        if "structure_noise" in self.cfg:  # SAM-DiffSR: region-wise noise means, training only
+            noise = structure_modulated_noise(noise, clean, **self.cfg["structure_noise"])
         x_t = self.process.add_noise(clean, noise, t, y)
         target = self.process.training_target(clean, noise, t, y)
         return {"mse": self.optimise(F.mse_loss(self.net(torch.cat([x_t, y], dim=1), t), target))}
