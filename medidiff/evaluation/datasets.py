@@ -6,6 +6,8 @@ Data specs (CLI ``--data``)::
     synthetic-cxr:test:20:256    ... at 256 px
     drr-cxr:test:20:256          20 DRR pairs (medidiff.datasets.drr, real chest CT) from its TEST_SEEDS
     cs-held-out:test:6:256       the CS held-out images (medidiff.datasets.cs_images), each its own reference
+    ct-denoise:test:5            held-out restoration pairs (medidiff.datasets.restoration_images): degraded
+                                 input, clean reference; also mr-sr2, mr-sr4, xray-sr4
     path/to/folder               DICOM studies; reference/ holds one reference series per study,
                                  matched by StudyInstanceUID (the reference folder is not evaluated)
 
@@ -202,6 +204,34 @@ def cs_held_out_data(spec: str, *, size: int = 256) -> EvaluationData:
                           digest, count, cases)
 
 
+def restoration_data(spec: str, *, task: str, size: int = 512) -> EvaluationData:
+    """``<task>:test:N`` (``ct-denoise``, ``mr-sr2``, ``mr-sr4``, ``xray-sr4``): the first N pairs of the task's
+    fixed held-out set (:func:`medidiff.datasets.restoration_images.held_out_pairs`), the degraded image as
+    input and the clean one as reference, at their own sizes; CT in Hounsfield units, MR and radiographs in
+    the units of the clean image's percentiles."""
+    from medidiff.datasets import restoration_images as images
+    from medidiff.physics import degradations
+
+    if len(spec.split(":")) != 3:
+        raise InputError(f"--data {spec!r}: expected {spec.split(':')[0]}:test:N (the held-out images keep their sizes)")
+    count, _ = _count_and_size(spec, len(images.held_out_names(task)), size)
+    code = Path(images.__file__).read_bytes() + Path(degradations.__file__).read_bytes()
+    digest = hashlib.sha256(code + f"{task}:{count}".encode()).hexdigest()[:16]
+    modality = {"ct_denoise": "CT", "xray_sr4": "DX"}.get(task, "MR")
+
+    def cases() -> Iterator[dict]:
+        for seed, (name, clean, degraded) in enumerate(images.held_out_pairs(task)[:count]):
+            if images.intensity(task)["kind"] == "hu":
+                clean, degraded = images.units_to_hu(clean), images.units_to_hu(degraded)
+            source = SyntheticSource(seed, rows=degraded.shape[-2], columns=degraded.shape[-1], modality=modality,
+                                     body_part="CHEST" if "chest" in name else "", view_position="",
+                                     series_description=name)
+            yield _item(degraded[0, 0], clean[0, 0], source)
+
+    kind = spec.split(":")[0]
+    return EvaluationData(f"{kind}-held-out-{count}", f"medidiff://{kind}:test:{count}", digest, count, cases)
+
+
 def _item(image, reference, source: SyntheticSource) -> dict:
     import torch
     from monai.data import MetaTensor
@@ -256,3 +286,5 @@ def dicom_data(root: Path) -> EvaluationData:
 register_data_spec("synthetic-cxr", functools.partial(phantom_data, generator="medidiff.datasets.chest_phantom"))
 register_data_spec("drr-cxr", functools.partial(phantom_data, generator="medidiff.datasets.drr"))
 register_data_spec("cs-held-out", cs_held_out_data)
+for _task in ("ct_denoise", "mr_sr2", "mr_sr4", "xray_sr4"):
+    register_data_spec(_task.replace("_", "-"), functools.partial(restoration_data, task=_task))

@@ -35,6 +35,7 @@ STAGE_MODULES = (
     "medidiff.stages.basic",
     "medidiff.stages.bone_suppression",
     "medidiff.stages.cs_reconstruction",
+    "medidiff.stages.restoration",
 )
 
 

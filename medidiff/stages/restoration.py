@@ -1,0 +1,188 @@
+"""Pipeline stages: diffusion denoising of CT series and super-resolution of MR series and radiographs.
+
+Both run a restoration model (:mod:`medidiff.methods.restoration`: ResShift, Resfusion, RDDM, UPSR, the
+one-step student or the UNet regression) slice by slice. Each slice is mapped to model units with the
+model's intensity window (fixed Hounsfield units for CT, so HU stay HU; the slice's own percentiles for MR
+and radiographs, as the models were trained), restored (large slices in overlapping tiles, without seams),
+and mapped back to the source's units exactly. CT values below the HU window (the -2048 or -3024 HU padding
+outside a scanner's field of view) reach the model as the window's floor (air) and are written back as they
+were. Slice ``k`` samples with seed ``seed + k``: reproducible,
+and no noise pattern repeated through the volume.
+
+Denoising keeps the grid. Super-resolution puts the image on a finer grid of the same field of view:
+``scale`` times the rows and columns, spacing divided by ``scale``, and the first pixel centre moved by
+half the change of pixel size along rows and columns (``old - (old_spacing - new_spacing) / 2``), so the
+outer edges of the image stay where they were; the slice axis is untouched. The derived DICOM writer
+takes PixelSpacing and ImagePositionPatient (or a radiograph's ImagerPixelSpacing) from that grid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from monai.data import MetaTensor
+
+from medidiff.errors import StageError
+from medidiff.stages.basic import check_finite
+from medidiff.stages.registry import ParameterError, register_stage
+
+PROJECTION = ("CR", "DX")  # one radiograph per item: never a stack of slices
+SINGLE_PASS = ("regression", "one_step")  # methods that restore in one network pass: no steps to choose
+MIN_SIZE, MAX_SIZE = 16, 8192  # pixels per side, of the input and of the output
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(task: str, method: str, model: str = "default"):
+    """The restoration model, loaded once per process: ``default`` = the shipped
+    ``models/restoration/<task>/<method>``, or a folder holding ``<method>.json`` + ``.safetensors``."""
+    from medidiff.methods.restoration import load_restoration
+
+    return load_restoration(task=task, method=method, model=model)
+
+
+class _Restoration:
+    """What both stages share: parameters, checks, and the slice-by-slice restoration."""
+
+    name = ""
+    scale = 1
+    model_tasks: dict[str, str] = {}  # modality -> the model's task
+    refusal_hint = ""  # what to do with another modality
+    size_hint = ""  # what to do with a slice of absurd size
+
+    def __init__(self, method: str, steps: int | None, model: str, seed: int, tile: int):
+        from medidiff.methods.restoration import METHODS
+
+        if method not in METHODS:
+            raise ParameterError("method", method, f"one of {', '.join(METHODS)}")
+        if steps is not None and not 1 <= steps <= 1000:
+            raise ParameterError("steps", steps, "1..1000, or null for the model's trained number of steps")
+        if method in SINGLE_PASS and steps not in (None, 1):
+            raise ParameterError("steps", steps, f"null or 1: {method} restores in a single pass")
+        if not 64 <= tile <= 2048:
+            raise ParameterError("tile", tile, "64..2048 pixels (the side of the square tiles of large slices)")
+        self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
+
+    def task_of(self, modality: str) -> str:
+        """The model task for ``modality``; StageError naming the pipeline to use for any other."""
+        if modality not in self.model_tasks:
+            shown = modality or "not set"
+            raise StageError(f"{self.name}: modality is {shown}; expected {', '.join(self.model_tasks)} "
+                             f"({self.refusal_hint})")
+        return self.model_tasks[modality]
+
+    def check_model(self, net, modality: str) -> None:
+        """StageError when the model is for another scale or modality, or cannot sample in ``steps``."""
+        config = net.config
+        if int(config.get("scale", 1)) != self.scale or modality not in config.get("modalities", [modality]):
+            raise StageError(f"{self.name}: the model {self.method} of {self.model!r} is for {config.get('task')} "
+                             f"({', '.join(config.get('modalities', []))}, {config.get('scale')}x), not {modality} at "
+                             f"{self.scale}x; give a model folder for that task")
+        try:
+            net.process(self.steps)
+        except ValueError as exc:  # e.g. ResShift samples with its training T only
+            raise StageError(f"{self.name}: steps: {self.steps} does not fit the {self.method} model ({exc}); "
+                             f"remove steps to sample as trained ({config.get('steps')} steps)") from None
+
+    def __call__(self, item: dict) -> dict:
+        image = check_finite(item, self.name)
+        modality = (getattr(item.get("source"), "modality", "") or "").upper()
+        task = self.task_of(modality)
+        volume = image if image.ndim == 4 else image[..., None]  # (1, cols, rows, slices)
+        if image.ndim not in (3, 4) or image.shape[0] != 1:
+            raise StageError(f"{self.name}: image has shape {tuple(image.shape)}; expected one channel, "
+                             "(1, cols, rows) or (1, cols, rows, slices)")
+        cols, rows, slices = volume.shape[1:]
+        if modality in PROJECTION and slices > 1:
+            raise StageError(f"{self.name}: a {modality} item holds {slices} images; expected one 2-D radiograph "
+                             "(projection series are processed image by image)")
+        if min(rows, cols) < MIN_SIZE or max(rows, cols) * self.scale > MAX_SIZE:
+            raise StageError(f"{self.name}: slices are {rows}x{cols} px; expected {MIN_SIZE}.."
+                             f"{MAX_SIZE // self.scale} px per side{self.size_hint}")
+        net = load_model(task, self.method, self.model)
+        self.check_model(net, modality)
+        restored = self.restore(net, volume.as_tensor() if isinstance(volume, MetaTensor) else volume)
+        restored = restored if image.ndim == 4 else restored[..., 0]
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        return item | {"image": MetaTensor(restored, meta=self.output_meta(meta, restored.shape[1:]))}
+
+    def restore(self, net, volume: torch.Tensor) -> torch.Tensor:
+        """``volume`` (1, cols, rows, slices) in modality units restored slice by slice, on the output grid."""
+        from tqdm.auto import tqdm
+
+        from medidiff.methods.restoration import normalise
+
+        cols, rows, slices = volume.shape[1:]
+        intensity = net.config["intensity"]
+        floor = float(intensity["low"]) if intensity["kind"] == "hu" else None
+        out = torch.empty(1, cols * self.scale, rows * self.scale, slices)
+        with torch.no_grad():
+            for k in tqdm(range(slices), desc=self.name, unit="slice", leave=False, disable=None if slices > 1 else True):
+                plane = volume[0, :, :, k].T.float()[None, None]  # (1, 1, rows, cols)
+                units, back = normalise(plane if floor is None else plane.clamp(min=floor), intensity)
+                result = back(net.restore(units, steps=self.steps, seed=self.seed + k, tile=self.tile))
+                if floor is not None and self.scale == 1:  # padding outside the field of view stays as it was
+                    result = torch.where(plane < floor, plane, result)
+                out[0, :, :, k] = result[0, 0].T
+        return out
+
+    def output_meta(self, meta: dict, shape: tuple[int, ...]) -> dict:
+        """The image metadata of the output grid (denoising: unchanged)."""
+        return meta
+
+
+@register_stage("denoise", summary="Diffusion denoising of CT series, slice by slice, in Hounsfield units "
+                                   "(ResShift, Resfusion, RDDM, UPSR, one-step student, UNet regression).")
+class Denoise(_Restoration):
+    """Denoise each slice of a CT series; the grid, the series geometry and Hounsfield units are kept.
+
+    ``method``: resshift (default), resfusion, rddm, upsr, one_step, regression; ``steps``: sampling steps
+    (null: as trained); ``model``: ``default`` (shipped) or a folder with ``<method>.json`` +
+    ``.safetensors``; ``seed``: slice ``k`` samples with ``seed + k``; ``tile``: tile side for large slices.
+    """
+
+    task = "denoise"  # evaluation metrics and baseline (the noisy input): medidiff.evaluation.tasks
+    name = "denoise"
+    model_tasks = {"CT": "ct_denoise"}
+    refusal_hint = "the denoisers are trained on low-dose CT"
+
+    def __init__(self, method: str = "resshift", steps: int | None = None, model: str = "default", seed: int = 0,
+                 tile: int = 256):
+        super().__init__(method, steps, model, seed, tile)
+
+
+@register_stage("super_resolution", summary="Diffusion super-resolution (2x/4x) of MR series and CR/DX radiographs, "
+                                            "on a finer grid of the same field of view.")
+class SuperResolution(_Restoration):
+    """``scale`` times the rows and columns of each MR slice or radiograph; PixelSpacing (ImagerPixelSpacing)
+    divided by ``scale``, position moved so the image covers the same field of view.
+
+    ``method``, ``steps``, ``model``, ``seed``, ``tile``: as for ``denoise``; ``scale``: 2 or 4 (the shipped
+    models: MR 2x and 4x, radiographs 4x).
+    """
+
+    task = "super_resolution"  # evaluation metrics and baseline (bicubic): medidiff.evaluation.tasks
+    name = "super_resolution"
+    refusal_hint = "CT series are denoised (the denoise stage, pipeline ct-denoising), not super-resolved"
+
+    def __init__(self, method: str = "resshift", scale: int = 4, steps: int | None = None, model: str = "default",
+                 seed: int = 0, tile: int = 256):
+        if scale not in (2, 4):
+            raise ParameterError("scale", scale, "2 or 4")
+        super().__init__(method, steps, model, seed, tile)
+        self.scale = scale
+        self.model_tasks = {"MR": f"mr_sr{scale}", "CR": f"xray_sr{scale}", "DX": f"xray_sr{scale}"}
+
+    @property
+    def size_hint(self) -> str:
+        return f" at {self.scale}x (shrink larger images first, e.g. with resize_in_plane)"
+
+    def output_meta(self, meta: dict, shape: tuple[int, ...]) -> dict:
+        """``meta`` with the affine, spacing and shape of the finer grid: in-plane axes divided by
+        ``scale``, the first pixel centre moved by half the change of pixel size (same outer edges)."""
+        affine = torch.as_tensor(meta.get("affine", torch.eye(4)), dtype=torch.float64).clone()
+        in_plane = affine[:3, :2].clone()
+        affine[:3, :2] = in_plane / self.scale
+        affine[:3, 3] += in_plane @ torch.full((2,), (1 / self.scale - 1) / 2, dtype=torch.float64)
+        spacing = torch.linalg.vector_norm(affine[:3, :len(shape)], dim=0)
+        return meta | {"affine": affine, "spacing": spacing.numpy(), "spatial_shape": torch.tensor(shape).numpy()}
