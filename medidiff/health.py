@@ -1,8 +1,9 @@
 """`medidiff status OUT`: health and metrics of an output folder, from its own SQLite files (read-only).
 
-Processed and failed series (the run journal), the work queue of `medidiff batch` (studies by state,
-queue length, seconds per study, the quarantine with reasons), the studies `medidiff listen` is
-waiting for, and every outbox (instances pending, refused, lost). Hashed keys only.
+Processed and failed series (the run journal), the work queue of `medidiff batch` and `medidiff listen`
+(studies by state, queue length, seconds per study, the quarantine with reasons), the studies the
+listener received and has not queued yet, and every outbox (instances pending, refused, lost). Hashed
+keys only.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def health(output: str | Path) -> dict:
         summary["queue"] = queue
     spool = state_dir / "listener" / "incoming" / "studies.sqlite"
     if spool.is_file():
-        waiting, processed = _rows(spool, "SELECT SUM(processed IS NULL OR processed < received), "
+        waiting, queued = _rows(spool, "SELECT SUM(processed IS NULL OR processed < received), "
                                    "SUM(processed IS NOT NULL) FROM studies")[0]
-        summary["listener"] = {"studies_waiting": waiting or 0, "studies_processed": processed or 0}
+        summary["listener"] = {"studies_waiting": waiting or 0, "studies_queued": queued or 0}
     outboxes = {}
     for db in sorted(state_dir.rglob("outbox.sqlite")):
         outboxes[str(db.parent.relative_to(state_dir))] = dict(_rows(db, "SELECT state, COUNT(*) FROM items GROUP BY state"))

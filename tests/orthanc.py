@@ -1,8 +1,8 @@
 """A real Orthanc (Debian package) as the PACS and `medidiff listen` in a subprocess, on loopback.
 
-Shared by tests/test_dicom_listener.py, tests/test_dicomweb.py and benchmarks/: start both, push studies
-by C-STORE (pynetdicom SCU) or upload them over REST, read what arrived in Orthanc from its REST API.
-Orthanc serves DICOMweb under /dicom-web/ with the orthanc-dicomweb plugin (``dicomweb=True``).
+Shared by tests/test_dicom_listener.py, tests/test_dicomweb.py, tests/test_scaleout.py and benchmarks/: start
+both, push studies by C-STORE (pynetdicom SCU) or upload them over REST, read what arrived in Orthanc back
+by DICOMweb (QIDO-RS, WADO-RS; Orthanc serves it under /dicom-web/ with the orthanc-dicomweb plugin).
 """
 
 from __future__ import annotations
@@ -28,17 +28,15 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DERIVED_DESCRIPTION = "medidiff normalized 256px"  # pipelines/normalize-preview.yaml
 
 
-def orthanc_binary(dicomweb: bool = False) -> str | None:
-    """The Orthanc executable (with its DICOMweb plugin if asked), installed with apt-get when missing; None
-    when that is impossible."""
-    if not shutil.which("Orthanc") or dicomweb and not DICOMWEB_PLUGIN.is_file():
+def orthanc_binary() -> str | None:
+    """The Orthanc executable (its DICOMweb plugin installed), installed with apt-get when missing; None when
+    that is impossible."""
+    if not shutil.which("Orthanc") or not DICOMWEB_PLUGIN.is_file():
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
             subprocess.run(["apt-get", "install", "-y", "-qq", "orthanc", "orthanc-dicomweb"], capture_output=True,
                            timeout=600)
-    if dicomweb and not DICOMWEB_PLUGIN.is_file():
-        return None
-    return shutil.which("Orthanc")
+    return shutil.which("Orthanc") if DICOMWEB_PLUGIN.is_file() else None
 
 
 def free_port() -> int:
@@ -60,17 +58,16 @@ def wait_for(condition, what: str, seconds: float = 120.0, log: Path | None = No
 
 
 @contextlib.contextmanager
-def orthanc(binary: str, folder: Path, dicom_port: int, listener_port: int, *, http_port: int | None = None,
-            dicomweb: bool = False):
-    """A throw-away Orthanc that accepts C-STORE from the listener's AE only (and DICOMweb under /dicom-web/
-    when asked); yields its REST URL. Its database in ``folder`` outlives it (a restart keeps the studies)."""
+def orthanc(binary: str, folder: Path, dicom_port: int, listener_port: int, *, http_port: int | None = None):
+    """A throw-away Orthanc that accepts C-STORE from the listener's AE only, with DICOMweb under /dicom-web/;
+    yields its REST URL. Its database in ``folder`` outlives it (a restart keeps the studies)."""
     http_port = http_port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "medidiff-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
         "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": ORTHANC_AE, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
-        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"}, "DicomAlwaysAllowStore": False,
+        "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "DicomAlwaysAllowStore": False,
         "DicomCheckModalityHost": True, "DicomModalities": {"medidiff": [LISTENER_AE, "127.0.0.1", listener_port]},
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
@@ -104,16 +101,20 @@ def upload(url: str, paths: list[Path]) -> None:
 
 
 def derived_series(url: str, description: str = DERIVED_DESCRIPTION) -> list[dict]:
-    """The series medidiff wrote into Orthanc (by their SeriesDescription): [{study_uid, instances, image_type}]."""
+    """The series medidiff wrote into Orthanc (by their SeriesDescription), read back by DICOMweb (QIDO-RS
+    search, WADO-RS metadata): [{study_uid, instances, image_type}]."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url + "/dicom-web")
     found = []
-    for study in get(url, "/studies?expand") or []:
-        for series_id in study["Series"]:
-            series = get(url, f"/series/{series_id}")
-            if series["MainDicomTags"].get("SeriesDescription") == description:
-                tags = get(url, f"/instances/{series['Instances'][0]}/simplified-tags")
-                found.append({"study_uid": study["MainDicomTags"]["StudyInstanceUID"],
-                              "instances": len(series["Instances"]), "image_type": tags.get("ImageType", "")})
-    return found
+    for series in client.search_for_series():  # filtered here: Orthanc finds no description with a space in it
+        if series.get("0008103E", {}).get("Value") != [description]:
+            continue
+        study_uid, series_uid = series["0020000D"]["Value"][0], series["0020000E"]["Value"][0]
+        instances = client.retrieve_series_metadata(study_uid, series_uid)
+        found.append({"study_uid": study_uid, "instances": len(instances),
+                      "image_type": "\\".join(instances[0].get("00080008", {}).get("Value", []))})
+    return sorted(found, key=lambda series: series["study_uid"])
 
 
 def listen_command(folder: Path, port: int, destination: str | None = None, idle_seconds: float = 1.0,

@@ -171,6 +171,7 @@ def test_listener_killed_with_a_study_on_a_dask_worker_and_two_queued_loses_none
     health = json.loads(medidiff("status", tmp_path / "out").stdout)
     assert health["queue"]["studies"] == {"pending": 0, "running": 0, "done": 2, "quarantined": 1}
     assert "this series is fails" in health["queue"]["quarantined"][0]["reason"]
+    assert health["listener"] == {"studies_waiting": 0, "studies_queued": 3}
     assert health["outboxes"] == {"listener/outbox": {}}  # everything sent
     assert not any(uid in second_log.read_text() for uid in uids)
 

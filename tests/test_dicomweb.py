@@ -20,7 +20,7 @@ from tests.studies import ct_series_copies
 
 @pytest.fixture(scope="module")
 def orthanc_path() -> str:
-    binary = orthanc_binary(dicomweb=True)
+    binary = orthanc_binary()
     if not binary:
         pytest.skip("Orthanc with its DICOMweb plugin is not installed and apt-get could not install it")
     return binary
@@ -40,7 +40,7 @@ def test_query_retrieve_run_and_store_back(orthanc_path, tmp_path, tmpdir_env):
         ds.PatientID = patient
         ds.save_as(path)
     wanted = {pydicom.dcmread(p).StudyInstanceUID for p in studies[:2]}
-    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port(), dicomweb=True) as url:
+    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port()) as url:
         upload(url, studies)
         service = url.replace("http://", "dicomweb://") + "/dicom-web"
         result = medidiff("run", "normalize-preview", "--from", service, "--query", "PatientID=P1", "-o",
@@ -83,8 +83,7 @@ def test_store_to_a_stopped_server_is_queued_then_delivered_by_the_next_run(orth
     assert "1 instance(s) could not be delivered" in first.stderr
     assert '"event": "send_failed"' in first.stderr
 
-    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port(), http_port=http_port,
-                 dicomweb=True) as url:
+    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port(), http_port=http_port) as url:
         second = medidiff("run", "normalize-preview", tmp_path / "in", "-o", tmp_path / "out", "--to", service,
                           "--no-progress")
         assert second.returncode == 0 and "1 already done" in second.stdout, second.stdout + second.stderr
@@ -98,7 +97,7 @@ def test_batch_killed_between_finishing_a_series_and_queuing_it_sends_it_once_on
     pipeline, env, log = recording_pipeline(tmp_path, hold_at=1)
     (study,) = ct_series_copies(tmp_path / "in", 1)
     out = tmp_path / "out"
-    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port(), dicomweb=True) as url:
+    with orthanc(orthanc_path, tmp_path / "orthanc", free_port(), free_port()) as url:
         service = url.replace("http://", "dicomweb://") + "/dicom-web"
         args = [*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(out), "--workers", "0", "--to", service]
         first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

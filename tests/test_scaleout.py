@@ -1,6 +1,6 @@
 """`medidiff batch --workers 2`: a real Dask LocalCluster of two worker processes. The pipeline is built
 once per worker process, not per study, and not in the batch process; a worker killed mid-study has that
-study redone once, and it appears once in the output."""
+study redone once, and it appears once in the output and in the PACS (a real Orthanc)."""
 
 from __future__ import annotations
 
@@ -11,28 +11,37 @@ import sqlite3
 import subprocess
 from contextlib import closing
 
+import pydicom
+import pytest
+
 from medidiff.health import health
 from medidiff.output_folder import check_manifest
 from tests.batch_stages import loads, recording_pipeline, starts
 from tests.cli_runner import CLI, assert_user_error
-from tests.orthanc import wait_for
+from tests.orthanc import ORTHANC_AE, derived_series, free_port, orthanc, orthanc_binary, wait_for
 from tests.studies import ct_series_copies
 
 STUDIES = 6
 
 
-def test_killed_worker_study_redone_once_pipeline_built_once_per_worker(tmp_path):
+def test_killed_worker_study_redone_once_pipeline_built_once_per_worker_result_once_in_pacs(tmp_path):
+    binary = orthanc_binary()
+    if not binary:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed and apt-get could not install it")
     pipeline, env, log = recording_pipeline(tmp_path, hold_at=3)
-    ct_series_copies(tmp_path / "in", STUDIES)
-    out = tmp_path / "out"
-    batch = subprocess.Popen([*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(out), "--workers", "2"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    held_pid, held_key = wait_for(lambda: log.exists() and len(starts(log)) >= 3 and starts(log)[2],
-                                  "the third study's start", 900)
-    os.kill(int(held_pid), signal.SIGKILL)  # the worker process holding that study, mid-study
-    (tmp_path / "release").touch()
-    stdout, stderr = batch.communicate(timeout=900)
-    assert batch.returncode == 0, stdout + stderr
+    uids = sorted(pydicom.dcmread(path).StudyInstanceUID for path in ct_series_copies(tmp_path / "in", STUDIES))
+    out, pacs_port = tmp_path / "out", free_port()
+    with orthanc(binary, tmp_path / "orthanc", pacs_port, free_port()) as url:
+        batch = subprocess.Popen([*CLI, "batch", str(pipeline), str(tmp_path / "in"), "-o", str(out), "--workers", "2",
+                                  "--to", f"{ORTHANC_AE}@127.0.0.1:{pacs_port}"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        held_pid, held_key = wait_for(lambda: log.exists() and len(starts(log)) >= 3 and starts(log)[2],
+                                      "the third study's start", 900)
+        os.kill(int(held_pid), signal.SIGKILL)  # the worker process holding that study, mid-study
+        (tmp_path / "release").touch()
+        stdout, stderr = batch.communicate(timeout=900)
+        assert batch.returncode == 0 and "nothing waiting" in stdout, stdout + stderr
+        assert [(d["study_uid"], d["instances"]) for d in derived_series(url)] == [(uid, 1) for uid in uids]
 
     keys = [key for _, key in starts(log)]
     assert keys.count(held_key) == 2 and len(keys) == STUDIES + 1 and len(set(keys)) == STUDIES

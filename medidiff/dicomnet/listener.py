@@ -133,7 +133,7 @@ class Listener:
             spool.touch(study)
             return
         dispatcher.studies[study] = series
-        spool.mark_processed(study, started)
+        spool.mark_queued(study, started)
         emit("study_complete", study=study, series=len(series), unreadable=unreadable, state=queue.state(study))
 
     def _start_server(self, spool: StudySpool):

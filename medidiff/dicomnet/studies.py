@@ -2,8 +2,9 @@
 
 Instances are written to ``ROOT/<study hash>/<instance hash>.dcm`` through a temporary file renamed
 into place, so the pipeline never sees a half-written file. ``ROOT/studies.sqlite`` records when each
-study last received an instance and when it was last processed, so a restarted listener picks up
-studies it had not finished.
+study last received an instance and when it was last queued for processing (column ``processed``), so
+a restarted listener queues the studies it had not queued yet. Instances stay here (the work queue
+runs the study from its folder).
 """
 
 from __future__ import annotations
@@ -57,15 +58,16 @@ class StudySpool:
                              "ON CONFLICT(study) DO UPDATE SET received = excluded.received", (study, time.time()))
 
     def complete(self, idle_seconds: float) -> list[str]:
-        """Studies with instances not yet processed and no arrival for ``idle_seconds``, oldest first."""
+        """Studies with instances not yet queued and no arrival for ``idle_seconds``, oldest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT study FROM studies WHERE (processed IS NULL OR processed < received) AND received <= ? "
                 "ORDER BY received", (time.time() - idle_seconds,)).fetchall()
         return [study for (study,) in rows]
 
-    def mark_processed(self, study: str, started: float) -> None:
-        """Record a run that began at ``started``: instances received after it make the study due again."""
+    def mark_queued(self, study: str, started: float) -> None:
+        """Record that the study was queued as it was at ``started``: instances received after it make it due
+        again."""
         with self._lock:
             self._db.execute("UPDATE studies SET processed = ? WHERE study = ?", (started, study))
 
