@@ -62,6 +62,7 @@ def test_unit_and_compose_make_a_valid_listen_command():
     assert re.search(r"^Environment=MEDIDIFF_CONFIG=/etc/medidiff/medidiff.yaml$", unit, re.M)
     args = _listen_args(shlex.split(exec_start)[1:], {"MEDIDIFF_CONFIG": config})
     assert (args.port, args.pipeline, args.output) == (11112, "bone-suppression", "/var/lib/medidiff/out")
+    assert (args.workers, args.max_attempts, args.retry_delay) == (0, 3, 30.0)
     assert re.search(r"^User=medidiff$", unit, re.M) and "ReadWritePaths=/var/lib/medidiff" in unit
 
     service = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["medidiff"]
