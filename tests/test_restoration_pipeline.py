@@ -272,3 +272,17 @@ def test_evaluate_scores_psnr_and_ssim_against_the_input_and_bicubic_baselines(m
         load_data("mr-sr4:test:3")
     with pytest.raises(InputError, match="keep their sizes"):
         load_data("mr-sr4:test:1:256")
+
+
+def test_evaluation_identifies_the_shipped_models_a_pipeline_uses(models, tmp_path, monkeypatch):
+    import medidiff.model_registry as registry
+    from medidiff.evaluation.evaluate import model_provenance
+
+    shipped = tmp_path / "models"
+    shutil.copytree(models["ct_denoise"], shipped / "restoration" / "ct_denoise")
+    monkeypatch.setattr(registry, "model_dir", lambda name: shipped / name)
+    params = model_provenance(Pipeline.from_yaml("ct-denoising")).params
+    assert params["stage.0.denoise.model.spec"] == "default" and "stage.0.denoise.model.folder_sha256" in params
+    assert {k for k in params if k.endswith(".sha256")} == {"stage.0.denoise.model.resshift.json.sha256",
+        "stage.0.denoise.model.resshift.safetensors.sha256", "stage.0.denoise.model.regression.json.sha256",
+        "stage.0.denoise.model.regression.safetensors.sha256"}

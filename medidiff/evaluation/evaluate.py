@@ -135,14 +135,16 @@ class ModelProvenance:
 def model_provenance(pipeline: Pipeline, prefix: str = "") -> ModelProvenance:
     """Resolve each stage's model (once, up front: a mistyped ``models:/`` spec fails here) and identify it
     by the sha256 of its files (``model.<file>.sha256``), the folder digest and, for ``models:/``, the
-    registered version. Stages without a model parameter contribute their shipped folder if they have one."""
+    registered version. Stages without a model parameter contribute their shipped folder if they have one
+    (``models/<the stage class's model_folder, else the stage's name>``)."""
     from medidiff.model_registry import file_sha256, folder_digest, resolve_model_dir
 
     found = ModelProvenance()
     for (key, params), call in zip(stage_parameters(pipeline, prefix).items(), pipeline.stages, strict=True):
         spec = str(next((params[k] for k in MODEL_PARAM_NAMES if k in params), "default"))
         try:
-            folder = resolve_model_dir(spec, default_name=call.name)
+            folder = resolve_model_dir(spec, default_name=getattr(pipeline_factory(call.name, call.line), "model_folder",
+                                                                  call.name))
         except MedidiffError:
             if spec in ("", "default"):
                 continue

@@ -142,6 +142,7 @@ class Denoise(_Restoration):
     """
 
     task = "denoise"  # evaluation metrics and baseline (the noisy input): medidiff.evaluation.tasks
+    model_folder = "restoration/ct_denoise"  # the shipped models an evaluation identifies (models/<folder>)
     name = "denoise"
     model_tasks = {"CT": "ct_denoise"}
     refusal_hint = "the denoisers are trained on low-dose CT"
@@ -162,6 +163,7 @@ class SuperResolution(_Restoration):
     """
 
     task = "super_resolution"  # evaluation metrics and baseline (bicubic): medidiff.evaluation.tasks
+    model_folder = "restoration"  # MR or radiograph models, by the input's modality: all are identified
     name = "super_resolution"
     refusal_hint = "CT series are denoised (the denoise stage, pipeline ct-denoising), not super-resolved"
 
