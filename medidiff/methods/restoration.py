@@ -149,7 +149,7 @@ class Restoration(Method):
         return {"regression": 0, "one_step": 1}.get(self.config["method"], 1 + (steps or self.config.get("steps", 1)))
 
     @torch.no_grad()
-    def restore(self, lr: torch.Tensor, *, steps: int | None = None, seed: int = 0, tile: int | None = 256,
+    def restore(self, lr: torch.Tensor, *, steps: int | None = None, seed: int = 0, tile: int | None = 512,
                 overlap: float = 0.25, boundary: str = "random", progress: Callable | None = None) -> torch.Tensor:
         """The restored image (N, 1, h*scale, w*scale) of ``lr`` (N, 1, h, w) in model units; images
         larger than ``tile`` go through overlapping tiles. ``boundary="optimal"``: ResShift's ODE
