@@ -158,8 +158,10 @@ def test_diffusion_denoising_is_seeded_per_slice_and_keeps_the_item(models, tmp_
     assert torch.allclose(first.affine, item["image"].affine)
     other = get_stage("denoise").factory(method="resshift", model=models["ct_denoise"], seed=8)(item)["image"]
     assert not torch.equal(first, other) and torch.equal(first[..., 1], other[..., 0])  # slice k: seed + k
-    item["image"][:, :10, :10] = -3024.0  # padding outside the scanner's field of view
-    assert (stage(item)["image"][:, :10, :10] == -3024.0).all()
+    item["image"][:, :10, :10] = -3024.0  # padding outside the scanner's field of view: kept
+    item["image"][:, 10:20, :10] = -1100.0  # noisy air: denoised
+    out = stage(item)["image"]
+    assert (out[:, :10, :10] == -3024.0).all() and (out[:, 10:20, :10] != -1100.0).all()
 
 
 def test_mr_super_resolution_writes_the_finer_grid_over_the_same_field_of_view(models, tmp_path):

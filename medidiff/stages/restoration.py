@@ -4,9 +4,8 @@ Both run a restoration model (:mod:`medidiff.methods.restoration`: ResShift, Res
 one-step student or the UNet regression) slice by slice. Each slice is mapped to model units with the
 model's intensity window (fixed Hounsfield units for CT, so HU stay HU; the slice's own percentiles for MR
 and radiographs, as the models were trained), restored (large slices in overlapping tiles, without seams),
-and mapped back to the source's units exactly. CT values below the HU window (the -2048 or -3024 HU padding
-outside a scanner's field of view) reach the model as the window's floor (air) and are written back as they
-were. Slice ``k`` samples with seed ``seed + k``: reproducible,
+and mapped back to the source's units exactly. CT padding outside the scanner's field of view (below
+-1500 HU: -2048, -3024) reaches the model as air and is written back as it was; noisy air is denoised. Slice ``k`` samples with seed ``seed + k``: reproducible,
 and no noise pattern repeated through the volume.
 
 Denoising keeps the grid. Super-resolution puts the image on a finer grid of the same field of view:
@@ -30,6 +29,9 @@ from medidiff.stages.registry import ParameterError, register_stage
 PROJECTION = ("CR", "DX")  # one radiograph per item: never a stack of slices
 SINGLE_PASS = ("regression", "one_step")  # methods that restore in one network pass: no steps to choose
 MIN_SIZE, MAX_SIZE = 16, 8192  # pixels per side, of the input and of the output
+# CT values below PADDING_HU are no tissue and no (noisy) air: padding outside the scanner's field of view
+# (-2048, -3024 HU). The model sees air there (as in training, where everything below air was air).
+PADDING_HU, AIR_HU = -1500.0, -1000.0
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,15 +116,16 @@ class _Restoration:
 
         cols, rows, slices = volume.shape[1:]
         intensity = net.config["intensity"]
-        floor = float(intensity["low"]) if intensity["kind"] == "hu" else None
+        hounsfield = intensity["kind"] == "hu"
         out = torch.empty(1, cols * self.scale, rows * self.scale, slices)
         with torch.no_grad():
             for k in tqdm(range(slices), desc=self.name, unit="slice", leave=False, disable=None if slices > 1 else True):
                 plane = volume[0, :, :, k].T.float()[None, None]  # (1, 1, rows, cols)
-                units, back = normalise(plane if floor is None else plane.clamp(min=floor), intensity)
+                padding = plane < PADDING_HU if hounsfield else torch.zeros_like(plane, dtype=torch.bool)
+                units, back = normalise(torch.where(padding, AIR_HU, plane), intensity)
                 result = back(net.restore(units, steps=self.steps, seed=self.seed + k, tile=self.tile))
-                if floor is not None and self.scale == 1:  # padding outside the field of view stays as it was
-                    result = torch.where(plane < floor, plane, result)
+                if self.scale == 1:
+                    result = torch.where(padding, plane, result)
                 out[0, :, :, k] = result[0, 0].T
         return out
 
