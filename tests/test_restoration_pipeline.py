@@ -220,8 +220,6 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
         get_stage("super_resolution").factory(scale=2, model=models["mr_sr4"])(mr)
     with pytest.raises(StageError, match="steps: 2 does not fit the resshift model .* remove steps"):
         get_stage("denoise").factory(steps=2, model=models["ct_denoise"])(ct)
-    with pytest.raises(StageError, match="no resshift model for ct_denoise"):
-        get_stage("denoise").factory(model=str(tmp_path))(ct)
     stack = load_item(discover(small_dx(tmp_path / "dx")).series[0])
     stack["image"] = stack["image"][..., None].repeat(1, 1, 1, 2)
     with pytest.raises(StageError, match="holds 2 images; expected one 2-D radiograph"):
@@ -235,7 +233,9 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
         get_stage("denoise").factory(model=models["ct_denoise"])(bad)
     for stage, params, key in [("denoise", {"method": "magic"}, "method"), ("denoise", {"steps": 0}, "steps"),
                                ("denoise", {"method": "regression", "steps": 4}, "steps"),
-                               ("super_resolution", {"scale": 3}, "scale"), ("denoise", {"tile": 8}, "tile")]:
+                               ("super_resolution", {"scale": 3}, "scale"), ("denoise", {"tile": 8}, "tile"),
+                               ("denoise", {"model": str(tmp_path)}, "model"),  # a folder without resshift.json
+                               ("denoise", {"method": "one_step", "model": models["ct_denoise"]}, "model")]:
         with pytest.raises(ParameterError) as refused:
             get_stage(stage).factory(**params)
         assert refused.value.key == key

@@ -18,6 +18,7 @@ takes PixelSpacing and ImagePositionPatient (or a radiograph's ImagerPixelSpacin
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
@@ -63,6 +64,11 @@ class _Restoration:
             raise ParameterError("steps", steps, f"null or 1: {method} restores in a single pass")
         if not 64 <= tile <= 4096:
             raise ParameterError("tile", tile, "64..4096 pixels (the side of the square tiles of large slices)")
+        if model not in ("", "default") and not model.startswith("models:/"):
+            folder = Path(model).expanduser()
+            if not (folder / f"{method}.json").is_file():
+                raise ParameterError("model", model, f"default, models:/<name>/<version> or a folder holding {method}.json "
+                                                     f"+ {method}.safetensors ({folder} has no {method}.json)")
         self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
 
     def task_of(self, modality: str) -> str:
