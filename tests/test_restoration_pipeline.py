@@ -231,11 +231,14 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
     bad["image"][0, 5, 5] = float("nan")
     with pytest.raises(StageError, match="NaN"):
         get_stage("denoise").factory(model=models["ct_denoise"])(bad)
+    (tmp_path / "upsr").mkdir()
+    (tmp_path / "upsr" / "upsr.json").write_text("{}")  # without its estimator, regression.json
     for stage, params, key in [("denoise", {"method": "magic"}, "method"), ("denoise", {"steps": 0}, "steps"),
                                ("denoise", {"method": "regression", "steps": 4}, "steps"),
                                ("super_resolution", {"scale": 3}, "scale"), ("denoise", {"tile": 8}, "tile"),
                                ("denoise", {"model": str(tmp_path)}, "model"),  # a folder without resshift.json
-                               ("denoise", {"method": "one_step", "model": models["ct_denoise"]}, "model")]:
+                               ("denoise", {"method": "one_step", "model": models["ct_denoise"]}, "model"),
+                               ("denoise", {"method": "upsr", "model": str(tmp_path / "upsr")}, "model")]:
         with pytest.raises(ParameterError) as refused:
             get_stage(stage).factory(**params)
         assert refused.value.key == key

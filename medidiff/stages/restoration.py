@@ -66,9 +66,10 @@ class _Restoration:
             raise ParameterError("tile", tile, "64..4096 pixels (the side of the square tiles of large slices)")
         if model not in ("", "default") and not model.startswith("models:/"):
             folder = Path(model).expanduser()
-            if not (folder / f"{method}.json").is_file():
-                raise ParameterError("model", model, f"default, models:/<name>/<version> or a folder holding {method}.json "
-                                                     f"+ {method}.safetensors ({folder} has no {method}.json)")
+            for stem in (method, "regression") if method == "upsr" else (method,):  # UPSR: + its uncertainty estimator
+                if not (folder / f"{stem}.json").is_file():
+                    raise ParameterError("model", model, f"default, models:/<name>/<version> or a folder holding "
+                                                         f"{stem}.json + {stem}.safetensors ({folder} has no {stem}.json)")
         self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
 
     def task_of(self, modality: str) -> str:
