@@ -5,8 +5,8 @@ one-step student or the UNet regression) slice by slice. Each slice is mapped to
 model's intensity window (fixed Hounsfield units for CT, so HU stay HU; the slice's own percentiles for MR
 and radiographs, as the models were trained), restored (large slices in overlapping tiles, without seams),
 and mapped back to the source's units exactly. CT padding outside the scanner's field of view (below
--1500 HU: -2048, -3024) reaches the model as air and is written back as it was; noisy air is denoised. Slice ``k`` samples with seed ``seed + k``: reproducible,
-and no noise pattern repeated through the volume.
+-1500 HU: -2048, -3024) reaches the model as air and is written back as it was; noisy air is denoised.
+Slice ``k`` samples with seed ``seed + k``: reproducible, and no noise pattern repeated through the volume.
 
 Denoising keeps the grid. Super-resolution puts the image on a finer grid of the same field of view:
 ``scale`` times the rows and columns, spacing divided by ``scale``, and the first pixel centre moved by
