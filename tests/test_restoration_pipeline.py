@@ -227,6 +227,9 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
     huge = dict(mr, image=mr["image"].repeat(1, 40, 1))  # 2560 columns: 10240 at 4x
     with pytest.raises(StageError, match=r"expected 16..2048 px per side at 4x \(shrink larger"):
         get_stage("super_resolution").factory(model=models["mr_sr4"])(huge)
+    tall = dict(mr, image=mr["image"][..., None].expand(1, 64, 64, 5000))  # 5000 slices: 328 M voxels at 4x
+    with pytest.raises(StageError, match="would become 328 M voxels at 4x; at most 268 M"):
+        get_stage("super_resolution").factory(model=models["mr_sr4"])(tall)
     bad = dict(ct, image=ct["image"].clone())
     bad["image"][0, 5, 5] = float("nan")
     with pytest.raises(StageError, match="NaN"):

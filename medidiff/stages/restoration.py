@@ -30,6 +30,7 @@ from medidiff.stages.registry import ParameterError, register_stage
 PROJECTION = ("CR", "DX")  # one radiograph per item: never a stack of slices
 SINGLE_PASS = ("regression", "one_step")  # methods that restore in one network pass: no steps to choose
 MIN_SIZE, MAX_SIZE = 16, 8192  # pixels per side, of the input and of the output
+MAX_GROWN_VOXELS = 2**28  # a super-resolved series' voxels (the writer holds them as float64 too)
 # CT values below PADDING_HU are no tissue and no (noisy) air: padding outside the scanner's field of view
 # (-2048, -3024 HU). The model sees air there (as in training, where everything below air was air).
 PADDING_HU, AIR_HU = -1500.0, -1000.0
@@ -108,6 +109,10 @@ class _Restoration:
         if min(rows, cols) < MIN_SIZE or max(rows, cols) * self.scale > MAX_SIZE:
             raise StageError(f"{self.name}: slices are {rows}x{cols} px; expected {MIN_SIZE}.."
                              f"{MAX_SIZE // self.scale} px per side{self.size_hint}")
+        if self.scale > 1 and cols * rows * slices * self.scale**2 > MAX_GROWN_VOXELS:
+            raise StageError(f"{self.name}: {slices} slices of {rows}x{cols} px would become "
+                             f"{cols * rows * slices * self.scale**2 / 1e6:.0f} M voxels at {self.scale}x; at most "
+                             f"{MAX_GROWN_VOXELS / 1e6:.0f} M (1 GiB as float32): split the series or use a smaller scale")
         net = load_model(task, self.method, self.model)
         self.check_model(net, modality)
         restored = self.restore(net, volume.as_tensor() if isinstance(volume, MetaTensor) else volume)
