@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,9 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
         get_stage("super_resolution").factory(model=models["mr_sr4"])(ct)
     with pytest.raises(StageError, match="modality is MR; expected CT"):
         get_stage("denoise").factory(model=models["ct_denoise"])(mr)
+    scout = dict(ct, source=replace(ct["source"], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")))
+    with pytest.raises(StageError, match="a CT localizer"):
+        get_stage("denoise").factory(model=models["ct_denoise"])(scout)
     with pytest.raises(StageError, match="is for mr_sr4 .* not MR at 2x; give a model folder"):
         get_stage("super_resolution").factory(scale=2, model=models["mr_sr4"])(mr)
     with pytest.raises(StageError, match="steps: 2 does not fit the resshift model .* remove steps"):

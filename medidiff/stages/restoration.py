@@ -98,6 +98,9 @@ class _Restoration:
         image = check_finite(item, self.name)
         modality = (getattr(item.get("source"), "modality", "") or "").upper()
         task = self.task_of(modality)
+        if "LOCALIZER" in {str(v).upper() for v in getattr(item.get("source"), "image_type", ())}:
+            raise StageError(f"{self.name}: a {modality} localizer (scout projection), not a slice; the models are "
+                             "trained on slices, so localizers are left as they are")
         volume = image if image.ndim == 4 else image[..., None]  # (1, cols, rows, slices)
         if image.ndim not in (3, 4) or image.shape[0] != 1:
             raise StageError(f"{self.name}: image has shape {tuple(image.shape)}; expected one channel, "
