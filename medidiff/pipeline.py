@@ -33,7 +33,8 @@ import yaml
 from medidiff.errors import PipelineError, StageError
 from medidiff.resources import pipeline_file, pipelines_dir
 
-SELECT_KEYS = {"modality", "body_part", "image_type", "view_position", "min_size", "dimensions", "source_format"}
+SELECT_KEYS = {"modality", "body_part", "image_type", "skip_image_type", "view_position", "min_size", "dimensions",
+               "source_format"}
 OUTPUT_KEYS = {"dicom", "nifti", "png"}
 TOP_KEYS = {"name", "description", "select", "stages", "outputs"}
 
@@ -45,6 +46,7 @@ class Selection:
     modality: tuple[str, ...] = ()
     body_part: tuple[str, ...] = ()
     image_type: tuple[str, ...] = ()
+    skip_image_type: tuple[str, ...] = ()  # ImageType values that exclude an image (e.g. LOCALIZER)
     view_position: tuple[str, ...] = ()
     min_size: int = 0
     dimensions: int | None = None
@@ -65,6 +67,9 @@ class Selection:
         missing = [t for t in self.image_type if t not in {v.upper() for v in series.image_type}]
         if missing:
             return f"image type {'/'.join(series.image_type) or '(not set)'} lacks {', '.join(missing)}"
+        excluded = [t for t in self.skip_image_type if t in {v.upper() for v in series.image_type}]
+        if excluded:
+            return f"image type {'/'.join(series.image_type)} is {', '.join(excluded)}, which this pipeline skips"
         if min(series.rows, series.columns) < self.min_size:
             return f"image size {series.rows}x{series.columns} is below the minimum {self.min_size}"
         if self.dimensions == 2 and series.is_3d:

@@ -102,11 +102,13 @@ def with_model(name: str, stage_line: str, new_line: str, folder: Path) -> Pipel
     return Pipeline.from_yaml(path)
 
 
-def run_into(pipeline: Pipeline, source: Path, out: Path) -> list[tuple[Path, Path]]:
-    """Run ``pipeline`` over ``source``; (source file, derived file) pairs in slice order."""
+def run_into(pipeline: Pipeline, source: Path, out: Path, skipped: str = "") -> list[tuple[Path, Path]]:
+    """Run ``pipeline`` over ``source`` (one series, and one skipped for the reason ``skipped`` if given);
+    (source file, derived file) pairs in slice order."""
     report = run_pipeline(pipeline, source, out, progress=False)
-    assert [r.state for r in report.results] == ["done"], [r.message for r in report.results]
-    sources = sorted(source.rglob("*.dcm"), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
+    states = sorted((r.state, r.message if r.state == "skipped" else "") for r in report.results)
+    assert states == [("done", ""), *([("skipped", skipped)] if skipped else [])], states
+    sources = sorted(source.glob("*.dcm"), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
     derived = sorted(out.rglob("*.dcm"), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
     assert len(derived) == len(sources) and (derived[0].parents[1] / "panel.png").is_file()
     return list(zip(sources, derived, strict=True))
@@ -136,9 +138,14 @@ def plane_centre(ds, frame: int = 0) -> np.ndarray:
 
 def test_ct_denoising_writes_a_derived_ct_series_on_the_same_grid_in_hounsfield_units(models, tmp_path):
     source = series_of(get_testdata_file("CT_small.dcm"), tmp_path / "in", 3)
+    scout = series_of(get_testdata_file("CT_small.dcm"), source / "scout", 1)
+    ds = pydicom.dcmread(scout / "00.dcm")
+    ds.StudyInstanceUID, ds.ImageType = pydicom.dcmread(source / "00.dcm").StudyInstanceUID, ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(scout / "00.dcm")
     pipeline = with_model("ct-denoising", "denoise: {method: resshift}",
                           f"denoise: {{method: regression, model: '{models['ct_denoise']}'}}", tmp_path)
-    for src_path, out_path in run_into(pipeline, source, tmp_path / "out"):
+    skipped = "image type ORIGINAL/PRIMARY/LOCALIZER is LOCALIZER, which this pipeline skips"
+    for src_path, out_path in run_into(pipeline, source, tmp_path / "out", skipped):
         src, out = pydicom.dcmread(src_path), pydicom.dcmread(out_path)
         assert (out.Modality, out.SOPClassUID, list(out.ImageType[:2])) == ("CT", src.SOPClassUID, ["DERIVED", "SECONDARY"])
         assert out.StudyInstanceUID == src.StudyInstanceUID and out.SeriesInstanceUID != src.SeriesInstanceUID
