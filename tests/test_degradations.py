@@ -43,9 +43,8 @@ def test_upsample_shapes_and_constants():
         upsample(torch.zeros(8, 8), 2)
 
 
-@pytest.mark.parametrize("scale", [2, 4])
-def test_kspace_truncation_samples_a_band_limited_image_exactly(scale):
-    size = 64
+@pytest.mark.parametrize(("scale", "size"), [(2, 64), (4, 64), (2, 62), (4, 60)])  # odd low-res sizes too
+def test_kspace_truncation_samples_a_band_limited_image_exactly(scale, size):
     low = size // scale
     yy, xx = _grid(size)
     # frequencies (cycles per image) below the low-resolution Nyquist limit low / 2

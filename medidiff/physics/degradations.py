@@ -63,10 +63,12 @@ def kspace_truncation(x: torch.Tensor, scale: int) -> torch.Tensor:
     if scale == 1:
         return x.clone()
     (h_hi, w_hi), (h, w) = x.shape[-2:], (x.shape[-2] // scale, x.shape[-1] // scale)
-    shift = (scale - 1) / 2  # in high-resolution pixels
+    # in high-resolution pixels: the low-res origin pixel (index n // 2 of a centred FFT) covers
+    # high-res pixels [scale (n // 2), scale (n // 2 + 1)); the high-res origin is N // 2
+    shift_y, shift_x = (scale * (n // 2) + (scale - 1) / 2 - n_hi // 2 for n, n_hi in ((h, h_hi), (w, w_hi)))
     ky = torch.arange(h_hi, dtype=torch.float64) - h_hi // 2
     kx = torch.arange(w_hi, dtype=torch.float64) - w_hi // 2
-    ramp = torch.exp(2j * math.pi * shift * (ky[:, None] / h_hi + kx[None, :] / w_hi)).to(torch.complex64)
+    ramp = torch.exp(2j * math.pi * (shift_y * ky[:, None] / h_hi + shift_x * kx[None, :] / w_hi)).to(torch.complex64)
     k = fft2c(x.to(torch.complex64)) * ramp
     top, left = h_hi // 2 - h // 2, w_hi // 2 - w // 2
     return (ifft2c(k[..., top:top + h, left:left + w]).abs() / scale).to(x.dtype)
