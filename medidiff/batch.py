@@ -156,7 +156,8 @@ def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
     """Queue every study of ``input_path`` and run them on ``executor`` (:class:`InProcess` or
     :class:`medidiff.scaleout.DaskExecutor`) until each is done or quarantined. With a ``destination``, the
     DICOM files of each attempt's done series go to the output folder's outbox as the attempt is recorded,
-    and are delivered at the end (``send_tries`` rounds; the rest waits in the outbox)."""
+    with any done series of the input not queued before, and are delivered at the end (``send_tries``
+    rounds; the rest waits in the outbox)."""
     from medidiff.io.privacy import hash_identifier
 
     with opened_run(pipeline, input_path, output_dir) as (out, inventory, report):
@@ -178,6 +179,7 @@ def run_batch(pipeline: Pipeline, input_path: str | Path, output_dir: str | Path
             summary.quarantined = [{"study": s, "attempts": queue.item(s)["attempts"], "reason": queue.item(s)["reason"]}
                                    for s in studies if queue.state(s) == "quarantined"]
             if summary.outbox:
+                _queue_done_series(summary.outbox, studies, pipeline, out)
                 summary.waiting = summary.outbox.deliver_with_retries(send_tries)
         finally:
             queue.close()
@@ -201,6 +203,20 @@ def outputs_intact(study: str, series: list, pipeline: Pipeline, out: OutputFold
     finally:
         journal.close()
     return True
+
+
+def _queue_done_series(outbox: Outbox, studies: dict, pipeline: Pipeline, out: OutputFolder) -> None:
+    """Queue every series of ``studies`` the journal holds as done (the outbox skips those it queued before):
+    series done by an earlier batch without this destination, or whose queuing a killed batch cut short."""
+    journal = Journal(out.state_dir)
+    try:
+        for study, series in studies.items():
+            for s in series:
+                row = journal.state(f"{study}/{s.key}", pipeline.digest)
+                if row and row["state"] == "done":
+                    outbox.add_series(study, s.key, row["outputs"], out.path)
+    finally:
+        journal.close()
 
 
 def _drain(dispatcher: Dispatcher, summary: BatchSummary) -> None:

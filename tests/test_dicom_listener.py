@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, RTPlanStorage
 
-from tests.batch_stages import described_studies, recording_pipeline, starts
+from tests.batch_stages import described_studies, loads, recording_pipeline, starts
 from tests.cli_runner import assert_user_error, medidiff
 from tests.disks import tiny_tmpfs
 from tests.orthanc import (
@@ -168,6 +168,7 @@ def test_listener_killed_with_a_study_on_a_dask_worker_and_two_queued_loses_none
     keys = [key for _, key in starts(log)]
     assert keys.count(held_key) == 2 and len(keys) == 5 and len(set(keys)) == 3  # held redone once, FAILS twice
     assert sorted(keys.count(k) for k in set(keys)) == [1, 2, 2]
+    assert str(first.pid) not in loads(log)  # the pipeline was built on the worker, not in the listener
     health = json.loads(medidiff("status", tmp_path / "out").stdout)
     assert health["queue"]["studies"] == {"pending": 0, "running": 0, "done": 2, "quarantined": 1}
     assert "this series is fails" in health["queue"]["quarantined"][0]["reason"]

@@ -12,6 +12,8 @@ from contextlib import closing
 import pydicom
 import pytest
 
+from medidiff.batch import InProcess, run_batch
+from medidiff.pipeline import Pipeline
 from tests.batch_stages import journal_states, recording_pipeline, starts
 from tests.cli_runner import CLI, assert_user_error, medidiff
 from tests.orthanc import derived_series, free_port, orthanc, orthanc_binary, upload, wait_for
@@ -61,9 +63,12 @@ def test_query_retrieve_run_and_store_back(orthanc_path, tmp_path, tmpdir_env):
         assert_user_error(nothing, 2, "no study on", "matches the query")
 
         (batch_study,) = ct_series_copies(tmp_path / "batch-in", 1)
+        pipeline = Pipeline.from_yaml("normalize-preview")
+        run_batch(pipeline, tmp_path / "batch-in", tmp_path / "batch-out", InProcess(pipeline))  # without --to
         batch = medidiff("batch", "normalize-preview", tmp_path / "batch-in", "-o", tmp_path / "batch-out",
                          "--workers", "0", "--to", service)
         assert batch.returncode == 0 and "nothing waiting" in batch.stdout, batch.stdout + batch.stderr
+        assert "1 already done" in batch.stdout  # done by the batch without --to, sent by this one
         assert pydicom.dcmread(batch_study).StudyInstanceUID in {d["study_uid"] for d in derived_series(url)}
     assert not list((tmp_path / "tmp").iterdir())  # every retrieved study was removed
     assert "P1" not in result.stdout + result.stderr

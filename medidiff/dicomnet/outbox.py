@@ -138,28 +138,29 @@ class Outbox:
     def add_outputs(self, results, output: Path) -> int:
         """Queue the DICOM files of the done series among ``results`` (a report's, done now or already done)
         that were not queued before as they are now; returns how many files were queued."""
-        return sum(self._add_series(result, Path(output)) for result in results
+        return sum(self.add_series(result.study, result.series, result.outputs, Path(output)) for result in results
                    if result.state in ("done", "already done"))
 
-    def _add_series(self, result, output: Path) -> int:
-        """Queue one series' DICOM files and record it as queued, in one transaction (0 if it was queued)."""
+    def add_series(self, study: str, series: str, outputs: list[str], output: Path) -> int:
+        """Queue the DICOM files among ``outputs`` (relative to ``output``) of a done series and record it as
+        queued, in one transaction; returns how many files were queued (0 when it was queued before as it is)."""
         from pydicom.misc import is_dicom
 
         from medidiff.output_folder import MANIFEST
 
-        key = f"{result.study}/{result.series}"
+        key = f"{study}/{series}"
         try:
             version = hashlib.sha256((output / key / MANIFEST).read_bytes()).hexdigest()[:32]
         except OSError:  # no finished folder (removed since): nothing to send
             return 0
-        files = [output / name for name in result.outputs if is_dicom(output / name)]
+        files = [output / name for name in outputs if is_dicom(output / name)]
         self._db.execute("BEGIN IMMEDIATE")
         try:
             if self._db.execute("SELECT 1 FROM queued WHERE series = ? AND version = ?", (key, version)).fetchone():
                 files = []
             for path in files:
                 self._link(path, self._db.execute("INSERT INTO items (study, state, next_try) VALUES (?, 'pending', 0)",
-                                                  (result.study,)).lastrowid)
+                                                  (study,)).lastrowid)
             self._db.execute("INSERT OR IGNORE INTO queued VALUES (?, ?)", (key, version))
             self._db.execute("COMMIT")
         except BaseException:
