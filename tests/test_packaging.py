@@ -63,7 +63,7 @@ def test_wheel_holds_every_module_and_resource(wheel):
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "medidiff").rglob("*.py")}
     expected |= {f"medidiff/builtin_pipelines/{p.name}" for p in (ROOT / "pipelines").glob("*.yaml")}
     expected |= {f"medidiff/builtin_models/{p.relative_to(ROOT / 'models').as_posix()}"
-                 for p in (ROOT / "models").glob("*/*") if p.is_file()}
+                 for pattern in ("*/*", "restoration/*/*") for p in (ROOT / "models").glob(pattern) if p.is_file()}
     assert expected - names == set()
 
 
