@@ -174,7 +174,7 @@ def test_diffusion_denoising_is_seeded_per_slice_and_keeps_the_item(models, tmp_
 
 def test_mr_super_resolution_writes_the_finer_grid_over_the_same_field_of_view(models, tmp_path):
     source = series_of(get_testdata_file("MR_small.dcm"), tmp_path / "in", 2, step_mm=3.0)
-    pipeline = with_model("mr-super-resolution", "super_resolution: {method: resshift, scale: 4}",
+    pipeline = with_model("mr-super-resolution", "super_resolution: {method: regression, scale: 4}",
                           f"super_resolution: {{method: regression, scale: 4, model: '{models['mr_sr4']}'}}", tmp_path)
     for src_path, out_path in run_into(pipeline, source, tmp_path / "out"):
         src, out = pydicom.dcmread(src_path), pydicom.dcmread(out_path)
@@ -283,7 +283,7 @@ def test_evaluate_scores_psnr_and_ssim_against_the_input_and_bicubic_baselines(m
     assert result.baseline == "identity" and set(result.metrics) == {"psnr", "ssim", "mse"}
     for row in result.cases:  # the identity model scores exactly as the noisy input
         assert 20 < row["psnr"] < 60 and row["psnr"] == pytest.approx(row["baseline_psnr"], abs=1e-3)
-    sr = with_model("mr-super-resolution", "super_resolution: {method: resshift, scale: 4}",
+    sr = with_model("mr-super-resolution", "super_resolution: {method: regression, scale: 4}",
                     f"super_resolution: {{method: regression, scale: 4, model: '{models['mr_sr4']}'}}", tmp_path)
     result = evaluate(sr, "mr-sr4:test:1", baseline="default", track=False)  # the held-out shoulder MR, 128 -> 512
     (row,) = result.cases
