@@ -142,7 +142,7 @@ def test_ct_denoising_writes_a_derived_ct_series_on_the_same_grid_in_hounsfield_
     ds = pydicom.dcmread(scout / "00.dcm")
     ds.StudyInstanceUID, ds.ImageType = pydicom.dcmread(source / "00.dcm").StudyInstanceUID, ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(scout / "00.dcm")
-    pipeline = with_model("ct-denoising", "denoise: {method: resshift}",
+    pipeline = with_model("ct-denoising", "denoise: {method: regression}",
                           f"denoise: {{method: regression, model: '{models['ct_denoise']}'}}", tmp_path)
     skipped = "image type ORIGINAL/PRIMARY/LOCALIZER is LOCALIZER, which this pipeline skips"
     for src_path, out_path in run_into(pipeline, source, tmp_path / "out", skipped):
@@ -277,7 +277,7 @@ def _cases(pairs: list[tuple[torch.Tensor, torch.Tensor]], modality: str) -> Eva
 def test_evaluate_scores_psnr_and_ssim_against_the_input_and_bicubic_baselines(models, tmp_path):
     ct = torch.as_tensor(pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array, dtype=torch.float32) - 1024
     noise = torch.randn(3, *ct.shape, generator=torch.Generator().manual_seed(0)) * 40.0
-    denoise = with_model("ct-denoising", "denoise: {method: resshift}",
+    denoise = with_model("ct-denoising", "denoise: {method: regression}",
                          f"denoise: {{method: regression, model: '{models['ct_denoise']}'}}", tmp_path)
     result = evaluate(denoise, _cases([(ct + n, ct) for n in noise], "CT"), baseline="default", track=False)
     assert result.baseline == "identity" and set(result.metrics) == {"psnr", "ssim", "mse"}
