@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
+from torch import nn
 
 from medidiff.diffusion.process import NoiseBank, Process
 from medidiff.diffusion.rddm import RDDM
@@ -63,20 +64,46 @@ def normalise(image: torch.Tensor, intensity: dict) -> tuple[torch.Tensor, Calla
 
 
 class RestorationFunction(ModelFunction):
-    """``net([x, condition], t)``: the U-Net on the sample beside the degraded image."""
+    """The U-Net as the method's model function. With a ``condition`` (the degraded ``y``):
+    ``net([x, y], t)``, or ``y + residual_scale * net([x, y], t)`` for x0-predicting methods with a
+    residual scale. Without (the regression): ``x + residual_scale * net(x, t)`` (scale 1 by default)."""
+
+    def __init__(self, net: ReversibleUNet, residual_scale: float | None = None):
+        super().__init__(net)
+        self.residual_scale = residual_scale
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x if condition is None else torch.cat([x, condition], dim=1), t)
+        if condition is None:
+            return x + (self.residual_scale or 1.0) * self.net(x, t)
+        out = self.net(torch.cat([x, condition], dim=1), t)
+        return out if self.residual_scale is None else condition + self.residual_scale * out
+
+
+def residual_scale(config: dict) -> float | None:
+    """``model.residual_scale`` for methods whose network output is the restored image (the regression,
+    x0-predicting processes, the one-step student): the network then outputs ``(x0 - y) / scale``,
+    starting from zero (the identity), so a residual far smaller than the image range (CT noise is ~2 %
+    of the HU window) is learnt at unit scale. None: the output is x0 itself (earlier models)."""
+    x0_output = config["method"] in ("regression", "one_step") or (
+        config["method"] in PROCESSES and PROCESSES[config["method"]].prediction == "sample")
+    scale = config["model"].get("residual_scale")
+    return float(scale) if scale is not None and x0_output else None
 
 
 def build_net(config: dict) -> ReversibleUNet:
     """The U-Net of a restoration config: ``[x_t, y]`` in for processes and the one-step student
-    (which keeps its teacher's architecture), ``y`` alone for the regression."""
+    (which keeps its teacher's architecture), ``y`` alone for the regression; the last layer starts at
+    zero when the network outputs a scaled residual."""
     method = config["method"]
     if method == "regression":
-        return ReversibleUNet(**config["model"]["unet"])
-    out = PROCESSES[method].output_channels if method in PROCESSES else 1
-    return ReversibleUNet(**config["model"]["unet"], in_channels=2, out_channels=out)
+        net = ReversibleUNet(**config["model"]["unet"])
+    else:
+        out = PROCESSES[method].output_channels if method in PROCESSES else 1
+        net = ReversibleUNet(**config["model"]["unet"], in_channels=2, out_channels=out)
+    if residual_scale(config) is not None:
+        nn.init.zeros_(net.conv_out.weight)
+        nn.init.zeros_(net.conv_out.bias)
+    return net
 
 
 class Restoration(Method):
@@ -85,7 +112,7 @@ class Restoration(Method):
 
     def __init__(self, net: ReversibleUNet, config: dict, estimator: Restoration | None = None):
         self.config = config
-        self.model_fn = RestorationFunction(net.eval().requires_grad_(False))
+        self.model_fn = RestorationFunction(net.eval().requires_grad_(False), residual_scale(config))
         self.estimator = estimator
         if config["method"] == "upsr" and estimator is None:
             raise ValueError("UPSR needs its uncertainty estimator (the task's regression model)")
@@ -133,7 +160,7 @@ class Restoration(Method):
                 raise ValueError(f"the ODE sampler is ResShift's; this is a {self.config['method']} model")
             process.deterministic = True
         if process is None:
-            out = y + self.model_fn(y, torch.zeros(len(y), dtype=torch.long))
+            out = self.model_fn(y, torch.zeros(len(y), dtype=torch.long))
         elif self.config["method"] == "one_step":  # the teacher's start, straight to x0
             t = torch.full((len(y),), process.num_train_timesteps - 1, dtype=torch.long)
             out = self.model_fn(process.initial_sample(noises[:, :1], y), t, y)

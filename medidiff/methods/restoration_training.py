@@ -31,7 +31,14 @@ from medidiff.diffusion.resshift import UPSR
 from medidiff.diffusion.sampling import sample
 from medidiff.diffusion.structure_noise import structure_modulated_noise
 from medidiff.errors import InputError
-from medidiff.methods.restoration import PROCESSES, Restoration, build_net, make_process
+from medidiff.methods.restoration import (
+    PROCESSES,
+    Restoration,
+    RestorationFunction,
+    build_net,
+    make_process,
+    residual_scale,
+)
 from medidiff.physics.degradations import upsample
 from medidiff.train import TrainingTask, register_task
 
@@ -85,6 +92,7 @@ class RestorationTask(_PairTask):
                              "(one_step is trained with kind: restoration_student)")
         self.config = method_config(cfg, method)
         self.net = build_net(self.config).to(device)
+        self.fn = RestorationFunction(self.net, residual_scale(self.config))
         self.process = make_process(cfg["process"]) if method in PROCESSES else None
         self.estimator = _load(cfg["estimator"], "regression model", "estimator") if method == "upsr" else None
         self.modules = {"net": self.net}
@@ -93,8 +101,8 @@ class RestorationTask(_PairTask):
     def step(self, step):
         clean, y = self.pairs()
         if self.process is None:
-            return {"mse": self.optimise(F.mse_loss(y + self.net(y, torch.zeros(len(y), dtype=torch.long,
-                                                                             device=self.device)), clean))}
+            t0 = torch.zeros(len(y), dtype=torch.long, device=self.device)
+            return {"mse": self.optimise(F.mse_loss(self.fn(y, t0), clean))}
         if isinstance(self.process, UPSR):
             with torch.no_grad():
                 self.process.weigh_noise(y, self.estimator.sample(y, y[:, :0]))
@@ -104,7 +112,7 @@ class RestorationTask(_PairTask):
             noise = structure_modulated_noise(noise, clean, **self.cfg["structure_noise"])
         x_t = self.process.add_noise(clean, noise, t, y)
         target = self.process.training_target(clean, noise, t, y)
-        return {"mse": self.optimise(F.mse_loss(self.net(torch.cat([x_t, y], dim=1), t), target))}
+        return {"mse": self.optimise(F.mse_loss(self.fn(x_t, t, y), target))}
 
 
 class PatchDiscriminator(nn.Module):
@@ -137,6 +145,7 @@ class StudentTask(_PairTask):
         self.config = {**self.teacher.config, "method": "one_step", "teacher": Path(cfg["teacher"]).name}
         self.config.pop("steps", None)
         self.net = copy.deepcopy(self.teacher.model_fn.net).requires_grad_(True).train()
+        self.fn = RestorationFunction(self.net, residual_scale(self.config))
         self.critic = PatchDiscriminator().to(device)
         self.process = make_process(self.config["process"])
         self.process.set_timesteps(self.teacher.config["steps"])
@@ -152,7 +161,7 @@ class StudentTask(_PairTask):
         with torch.no_grad():
             target = sample(self.teacher.model_fn, self.process, noises[:, :1], y, y=y,
                             generator=NoiseBank(list(noises[:, 1:].split(1, dim=1))))
-        out = self.net(torch.cat([x_start, y], dim=1), torch.full((len(y),), last, device=self.device))
+        out = self.fn(x_start, torch.full((len(y),), last, device=self.device), y)
         distill = F.mse_loss(out, target)
         t = torch.randint(1, last + 1, (len(y),), device=self.device)
         renoised = self.process.add_noise(out, torch.randn_like(out), t, y)
