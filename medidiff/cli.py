@@ -140,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
                               "with 95%% CIs, tracked in MLflow")
     evaluate.add_argument("pipeline", help="a pipeline YAML file or a built-in name")
     evaluate.add_argument("--data", required=True,
-                          help="synthetic-cxr:test:N[:SIZE], or a folder of DICOM studies with a reference/ subfolder")
+                          help="synthetic-cxr:test:N[:SIZE], drr-cxr:test:N[:SIZE], cs-held-out:test:N[:SIZE], "
+                          "ct-denoise:test:N, mr-sr2:test:N, mr-sr4:test:N, xray-sr4:test:N, or a folder of DICOM "
+                          "studies with a reference/ subfolder")
     evaluate.add_argument("--baseline", help="a pipeline to compare with (paired test), 'identity' (the input), "
                           "'bicubic' (the input resampled to the reference grid) or 'default' (the task's own)")
     evaluate.add_argument("--experiment", default="medidiff-evaluation", help="MLflow experiment name")
