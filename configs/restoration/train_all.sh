@@ -10,14 +10,17 @@ C=configs/restoration
 train() { OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.train "$@"; }
 ship() { train "$C/$1_$2.yaml" --export "models/restoration/$1"; }
 
+# The shipped runs, in this order (2026-11-26, one 2-core machine shared with other jobs):
 # 4x MR super-resolution: ResShift (T = 4) and the same-budget UNet regression, side by side
 ship mr_sr4 resshift & ship mr_sr4 regression & wait
-# low-dose CT denoising: ResShift (T = 4) and the regression (UPSR's uncertainty estimator too)
-ship ct_denoise resshift & ship ct_denoise regression & wait
+# low-dose CT denoising: ResShift (T = 4), the regression (UPSR's uncertainty estimator too),
+# Resfusion and RDDM, four side by side
+ship ct_denoise resshift & ship ct_denoise regression & ship ct_denoise resfusion & ship ct_denoise rddm & wait
+# 4x radiograph super-resolution
+ship xray_sr4 resshift & ship xray_sr4 regression & wait
 # the one-step student of the CT ResShift teacher; ResShift T = 15 for the 4-vs-15-step comparison
 ship ct_denoise one_step & ship ct_denoise resshift15 & wait
-# the other processes on the same backbone and data
-ship ct_denoise resfusion & ship ct_denoise rddm & wait
-ship ct_denoise upsr & ship ct_denoise samdiffsr & wait
-# plug-and-play: the optimal boundary condition of the CT ResShift model (written into resshift.json)
-OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary ct_denoise
+# plug-and-play: the optimal boundary condition of the MR ResShift model (written into resshift.json)
+OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary mr_sr4 --candidates 16 --pairs 8
+# configured, not yet trained (no CPU time left in the session that built them):
+# ship ct_denoise upsr & ship ct_denoise samdiffsr & wait
