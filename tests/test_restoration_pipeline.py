@@ -207,7 +207,7 @@ def test_an_enhanced_multiframe_image_on_a_finer_grid_keeps_every_frame_in_place
 
 def test_radiograph_super_resolution_divides_the_imager_pixel_spacing(models, tmp_path):
     source = small_dx(tmp_path / "in")
-    pipeline = with_model("radiograph-super-resolution", "super_resolution: {method: resshift, scale: 4}",
+    pipeline = with_model("radiograph-super-resolution", "super_resolution: {method: regression, scale: 4}",
                           f"super_resolution: {{method: resshift, scale: 4, tile: 128, model: '{models['xray_sr4']}'}}",
                           tmp_path)  # 256 px out: overlapping tiles
     ((src_path, out_path),) = run_into(pipeline, source, tmp_path / "out")
