@@ -177,9 +177,9 @@ class Restoration(Method):
 
     @torch.no_grad()
     def restore(self, lr: torch.Tensor, *, steps: int | None = None, seed: int = 0, tile: int | None = 512,
-                overlap: float = 0.25, boundary: str = "random", progress: Callable | None = None) -> torch.Tensor:
+                overlap: float = 0.25, boundary: str = "random", progress: bool = False) -> torch.Tensor:
         """The restored image (N, 1, h*scale, w*scale) of ``lr`` (N, 1, h, w) in model units; images
-        larger than ``tile`` go through overlapping tiles. ``boundary="optimal"``: ResShift's ODE
+        larger than ``tile`` go through overlapping tiles (``progress``: a bar over the tiles). ``boundary="optimal"``: ResShift's ODE
         sampler from the model's optimal boundary condition (:mod:`medidiff.methods.optimal_boundary`)."""
         from medidiff.physics.degradations import upsample
 
@@ -206,7 +206,7 @@ class Restoration(Method):
             return predictor(joined)
         return sliding_window_inference(joined, roi_size=(tile, tile), sw_batch_size=1, predictor=predictor,
                                         overlap=overlap, mode="gaussian", padding_mode="replicate",
-                                        progress=progress is not None)
+                                        progress=progress)
 
     def __call__(self, x: torch.Tensor, **options) -> torch.Tensor:
         return self.restore(x, **options)
