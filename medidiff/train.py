@@ -66,6 +66,10 @@ class TrainingTask(ABC):
         opt.step()
         return loss.item()
 
+    def start_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Start :attr:`net` from exported weights (a config's ``init:``); raises on a mismatch."""
+        self.net.load_state_dict(state)
+
     def export_config(self) -> dict:
         """The JSON config saved next to the exported weights (the trainer adds ``training``)."""
         return {"model": self.cfg["model"]}
@@ -156,7 +160,7 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
     ckpt = run_dir / "checkpoint.pt"
     resuming = resume and ckpt.exists()
     if "init" in cfg and not resuming:
-        _start_from(task.net, Path(cfg["init"]).expanduser(), config_path)
+        _start_from(task, Path(cfg["init"]).expanduser(), config_path)
     ema = EMAModel(task.net.parameters(), decay=t.get("ema", 0.999))
     step, elapsed, history = 0, 0.0, []
     if resuming:
@@ -215,14 +219,14 @@ def train(config_path: str | Path, *, out_dir: str | Path | None = None, resume:
     return weights
 
 
-def _start_from(net: torch.nn.Module, weights: Path, config_path: Path) -> None:
-    """Load the exported weights ``<weights>.safetensors`` (a config's ``init:``) into ``net``."""
+def _start_from(task: TrainingTask, weights: Path, config_path: Path) -> None:
+    """Start the task's network from the exported weights ``<weights>.safetensors`` (a config's ``init:``)."""
     try:
         _, state = read_component(weights.parent, weights.name)
-        net.load_state_dict(state)
+        task.start_from(state)
     except (OSError, KeyError, RuntimeError) as e:
         raise InputError(f"{config_path}: init: {weights} cannot start this model ({str(e).splitlines()[0]}); "
-                         "train the config that exports it first (see configs/bone_suppression/train_all.sh)") from None
+                         "train the config that exports it first (see the train_all.sh beside the config)") from None
 
 
 def _export(cfg: dict, task: TrainingTask, ema: EMAModel, folder: Path, record: dict) -> Path:

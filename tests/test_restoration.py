@@ -143,6 +143,27 @@ def test_a_residual_scaled_network_starts_as_the_identity_and_learns_a_small_res
     assert F.mse_loss(restored(), clean) < 0.9 * F.mse_loss(y, clean)
 
 
+def test_a_process_started_from_a_trained_regression_predicts_its_x0_whatever_x_t(tmp_path):
+    """init: a regression's weights -> a ResShift network reading [x_t, y] outputs the regression's x0
+    (at the regression's timestep) for any x_t; without a residual scale the start is refused."""
+    from medidiff.methods.restoration_training import RestorationTask
+
+    model = {"unet": TINY_UNET, "residual_scale": 0.1}
+    regression = RestorationTask(training_config(tmp_path, "regression", model=model), np.random.default_rng(0), torch.device("cpu"))
+    torch.nn.init.normal_(regression.net.conv_out.weight, std=0.1)  # a trained, non-zero residual
+    task = RestorationTask(training_config(tmp_path, "resshift", model=model), np.random.default_rng(0), torch.device("cpu"))
+    task.start_from(regression.net.state_dict())
+    y, t0 = image(32), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        expected = regression.fn(y, t0)
+        assert not torch.allclose(expected, y)
+        for x_t in (torch.randn_like(y), y):
+            assert torch.allclose(task.fn(x_t, t0, y), expected, atol=1e-6)
+    plain = RestorationTask(training_config(tmp_path, "resshift"), np.random.default_rng(0), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="residual_scale"):
+        plain.start_from(regression.net.state_dict())
+
+
 def test_one_step_student_trains_exports_and_restores(tmp_path):
     """The student starts as a copy of its teacher, trains with its three losses and restores in one pass."""
     from medidiff.train import train

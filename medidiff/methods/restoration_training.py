@@ -98,6 +98,21 @@ class RestorationTask(_PairTask):
         self.modules = {"net": self.net}
         self.optims = {"opt": torch.optim.AdamW(self.net.parameters(), lr=self.tcfg["lr"])}
 
+    def start_from(self, state):
+        """Also from a trained regression (``init:`` its weights) for a process whose network reads
+        ``[x_t, y]``: the regression's input filters go to the ``y`` channel, ``x_t``'s start at zero,
+        so training starts from the regression's ``x0`` estimate at every timestep's input."""
+        conv_in = self.net.conv_in.weight
+        given = state.get("conv_in.weight")
+        if given is not None and given.shape[1] == conv_in.shape[1] // 2 and given.shape[0] == conv_in.shape[0]:
+            if self.fn.residual_scale is None:
+                raise RuntimeError("a regression starts a process only with model.residual_scale set "
+                                   "(both networks then output (x0 - y) / scale)")
+            widened = torch.zeros_like(conv_in)
+            widened[:, given.shape[1]:] = given  # pixel-unshuffled [x_t, y]: y's four sub-pixel channels last
+            state = {**state, "conv_in.weight": widened}
+        self.net.load_state_dict(state)
+
     def step(self, step):
         clean, y = self.pairs()
         if self.process is None:
