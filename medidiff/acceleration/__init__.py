@@ -12,6 +12,8 @@ under its own name and is removed again without a trace::
 - :class:`PostTrainingQuantization`: Q-Diffusion-style fake quantization (``quantization``),
   calibrated on :func:`record_model_inputs` (inputs recorded across sampling timesteps).
 - :class:`MagnitudePruning`: unstructured magnitude pruning (``pruning``).
+- :class:`ChannelPruning`: structured pruning of residual blocks' inner channels, really smaller
+  convolutions (``channel_pruning``).
 - :func:`transforms_from_spec`: the ``accelerate:`` mapping of a pipeline stage.
 
 See docs/acceleration.md for what each reuses, its measured trade-off and how it deviates from
@@ -19,6 +21,7 @@ its paper.
 """
 
 from medidiff.acceleration.calibration import CalibrationSet, record_model_inputs
+from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
 from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.acceleration.pruning import MagnitudePruning
@@ -26,6 +29,6 @@ from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
-__all__ = ["CalibrationSet", "DeepCache", "MagnitudePruning", "PostTrainingQuantization", "Transform",
+__all__ = ["CalibrationSet", "ChannelPruning", "DeepCache", "MagnitudePruning", "PostTrainingQuantization", "Transform",
            "TransformError", "applied", "feature_changes", "profiled_refresh_steps", "record_model_inputs",
            "transforms_from_spec"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 
+from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
 from medidiff.acceleration.pruning import MagnitudePruning
 from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.transform import Transform, TransformError
 
-BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning}
+BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning}
 
 
 def transforms_from_spec(spec: dict | None) -> list[Transform]:
