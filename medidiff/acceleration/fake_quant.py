@@ -15,20 +15,21 @@ SAMPLES_PER_CALL = 1024  # other activation values sampled per calibration call 
 TAIL = 64  # largest and smallest activation values kept exactly per calibration call
 
 
-def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and (float, whole-numbered) zero point of ``2**bits`` levels on [lo, hi]."""
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
     return scale, torch.round(-lo / scale)
 
 
 def quantize_codes(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes 0..2**bits - 1 (as floats) of ``x`` on [lo, hi] (broadcast)."""
-    scale, zero = _scale_zero(lo, hi, bits)
+    scale, zero = scale_zero(lo, hi, bits)
     return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
 
 
 def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """The float values of ``codes`` made by :func:`quantize_codes` with the same range and bits."""
-    scale, zero = _scale_zero(lo, hi, bits)
+    scale, zero = scale_zero(lo, hi, bits)
     return (codes - zero) * scale
 
 
@@ -61,11 +62,31 @@ def channel_parts(w: torch.Tensor, split: int) -> list[torch.Tensor]:
     return [w[:, :split], w[:, split:]] if split else [w]
 
 
-def weight_ranges(w: torch.Tensor, bits: int, split: int = 0) -> torch.Tensor:
+def symmetric_start(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [-2**(bits-1) s, (2**(bits-1) - 1) s] with s = max|row| / (2**(bits-1) - 1): on it the
+    codes minus the zero point 2**(bits-1) are signed integers, as symmetric int8 kernels take them;
+    shrinking both ends alike (:func:`search_range`) keeps it symmetric."""
+    half = 2 ** (bits - 1)
+    hi = rows.abs().amax(1, keepdim=True)
+    return -hi * half / (half - 1), hi
+
+
+def weight_ranges(w: torch.Tensor, bits: int, split: int = 0, symmetric: bool = False) -> torch.Tensor:
     """Per-output-channel ranges (parts, 2, out_channels) of ``w``; with ``split`` the input channels
-    before and after it get separate ranges."""
-    ranges = [search_range(part.reshape(part.shape[0], -1), bits) for part in channel_parts(w, split)]
+    before and after it get separate ranges; ``symmetric``: ranges of :func:`symmetric_start`'s form."""
+    rows = [part.reshape(part.shape[0], -1) for part in channel_parts(w, split)]
+    ranges = [search_range(r, bits, *(symmetric_start(r, bits) if symmetric else (None, None))) for r in rows]
     return torch.stack([torch.stack([lo[:, 0], hi[:, 0]]) for lo, hi in ranges])
+
+
+def signed_weight(codes: torch.Tensor, ranges: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` (one part, made on a :func:`symmetric_start` range) as int8 values and per-output-channel
+    steps, so that ``int8 * step`` is :func:`weight_from_codes`'s weight."""
+    scale, zero = scale_zero(ranges[0, 0], ranges[0, 1], bits)
+    signed = codes.long() - zero.long().reshape((-1,) + (1,) * (codes.ndim - 1))
+    if signed.min() < -128 or signed.max() > 127:
+        raise ValueError("weight codes do not fit int8: quantize with symmetric ranges and 8 bits or fewer")
+    return signed.to(torch.int8), scale
 
 
 def _per_channel(r: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:

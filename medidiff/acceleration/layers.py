@@ -20,7 +20,11 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
 
 
-class WeightOverride(ModelHook):
+class LayerOverride(ModelHook):
+    """A hook that computes its weight layer itself; one such hook per layer (they do not stack)."""
+
+
+class WeightOverride(LayerOverride):
     """Runs a Conv2d/Linear with ``weight`` instead of its own, after ``input_fn`` on its input."""
 
     def __init__(self, weight: torch.Tensor, input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -35,10 +39,10 @@ class WeightOverride(ModelHook):
         return F.linear(x, self.weight, module.bias)
 
 
-def override_weight(module: nn.Module, hook: WeightOverride, name: str) -> None:
+def override_weight(module: nn.Module, hook: LayerOverride, name: str) -> None:
     """Attach ``hook`` to ``module`` under ``name``; one weight override per layer."""
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    others = [n for n, h in registry.hooks.items() if isinstance(h, WeightOverride)]
+    others = [n for n, h in registry.hooks.items() if isinstance(h, LayerOverride)]
     if others:
         raise TransformError(f"{name} cannot be combined with {others[0]} on the same layers yet; "
                              f"remove {others[0]} first")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -116,24 +117,29 @@ class PostTrainingQuantization(Transform):
     The first application quantizes and calibrates; the result (:attr:`layers`) is reused when the
     transform is applied again and written by :meth:`save` (uint8 codes, two per byte at 4 bits or fewer,
     safetensors), so :meth:`load` applies it without calibration data. Either way it is refused on a
-    model whose weights differ from those it was made for.
+    model whose weights differ from those it was made for. ``symmetric_weights``: ranges whose codes are
+    signed integers (:func:`~medidiff.acceleration.fake_quant.symmetric_start`, for int8 kernels);
+    ``quantized_input(name, layer)``: which layers' inputs are quantized (default: all but ``conv_in``).
     """
 
     name = "quantization"
 
     def __init__(self, calibration: CalibrationSet | None = None, weight_bits: int = 8, act_bits: int | None = 8,
-                 split_shortcut: bool = True, head_stem_bits: int | None = 8):
+                 split_shortcut: bool = True, head_stem_bits: int | None = 8, symmetric_weights: bool = False,
+                 quantized_input: Callable[[str, nn.Module], bool] | None = None):
         for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits), ("head_stem_bits", head_stem_bits)):
             if bits is not None and not 2 <= bits <= 16:
                 raise TransformError(f"quantization {key} is {bits}; expected 2..16")
         self.calibration, self.weight_bits, self.act_bits = calibration, weight_bits, act_bits
         self.split_shortcut, self.head_stem_bits = split_shortcut, head_stem_bits
+        self.symmetric_weights = symmetric_weights
+        self.quantized_input = quantized_input or (lambda name, layer: not name.endswith(FLOAT_INPUT))
         self.layers: dict[str, QuantizedLayer] = {}
         self.source = "its first model"
 
     def attach(self, model_fn: ModelFunction) -> None:
         if not self.layers:
-            self.layers = self._quantize(model_fn)
+            self.layers = self.quantize_layers(model_fn)
         found = weight_layers(model_fn)
         if set(found) != set(self.layers) or any(
                 abs(checksum(found[n].weight) - q.checksum) > 1e-6 * max(1.0, q.checksum) for n, q in self.layers.items()):
@@ -145,7 +151,7 @@ class PostTrainingQuantization(Transform):
                             self.name)
 
     @torch.no_grad()
-    def _quantize(self, model_fn: ModelFunction) -> dict[str, QuantizedLayer]:
+    def quantize_layers(self, model_fn: ModelFunction) -> dict[str, QuantizedLayer]:
         """Quantize the weights, then calibrate activation ranges on the weight-quantized model."""
         if self.act_bits is not None and (self.calibration is None or not self.calibration.inputs):
             raise TransformError("quantization has no calibration inputs; record them with record_model_inputs")
@@ -156,11 +162,11 @@ class PostTrainingQuantization(Transform):
         for name, layer in found.items():
             split, w = splits.get(layer, 0), layer.weight.detach()
             bits = max(self.weight_bits, self.head_stem_bits) if name in head_stem else self.weight_bits
-            ranges = weight_ranges(w, bits, split)
+            ranges = weight_ranges(w, bits, split, self.symmetric_weights)
             codes = weight_codes(w, ranges, bits, split)
             layers[name] = QuantizedLayer(codes, bits, ranges, None, split, checksum(w))
             hook = WeightOverride(weight_from_codes(codes, ranges, bits, split))
-            if self.act_bits is not None and not name.endswith(FLOAT_INPUT):
+            if self.act_bits is not None and self.quantized_input(name, layer):
                 observed[name] = [ActivationObserver(seed) for seed in range(2 if split else 1)]
                 hook.input_fn = partial(_observe, observed[name], split)
             override_weight(layer, hook, self.name)

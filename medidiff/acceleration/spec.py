@@ -1,5 +1,6 @@
 """Transforms from a pipeline stage's ``accelerate:`` mapping, e.g. ``{deepcache: {interval: 3}}``;
-quantization comes from a file written by :meth:`PostTrainingQuantization.save`: ``{quantization: {file: q.safetensors}}``."""
+quantization comes from a file written by :meth:`PostTrainingQuantization.save`: ``{quantization: {file: q.safetensors}}``,
+real int8 from one written by :meth:`Int8Quantization.save`: ``{int8: {file: unet-int8.safetensors}}``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import inspect
 
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.int8 import Int8Quantization
 from medidiff.acceleration.pruning import MagnitudePruning
 from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.transform import Transform, TransformError
 
 BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning}
+FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization}  # made from calibration data
 
 
 def transforms_from_spec(spec: dict | None) -> list[Transform]:
@@ -22,14 +25,14 @@ def transforms_from_spec(spec: dict | None) -> list[Transform]:
         raise TransformError(f"accelerate is {spec!r}; expected a mapping such as {{deepcache: {{interval: 3}}}}")
     transforms = []
     for name, options in spec.items():
-        if name == "quantization":
+        if name in FROM_FILE:
             if not isinstance(options, dict) or set(options) != {"file"}:
-                raise TransformError("quantization takes {file: <path>}: a quantization made from calibration data "
-                                     "and written by PostTrainingQuantization.save (docs/acceleration.md)")
-            transforms.append(PostTrainingQuantization.load(options["file"]))
+                raise TransformError(f"{name} takes {{file: <path>}}: a quantization made from calibration data "
+                                     f"and written by {FROM_FILE[name].__name__}.save (docs/acceleration.md)")
+            transforms.append(FROM_FILE[name].load(options["file"]))
             continue
         if name not in BUILDERS:
-            raise TransformError(f"unknown transform {name!r}; expected one of {', '.join(BUILDERS)}, quantization")
+            raise TransformError(f"unknown transform {name!r}; expected one of {', '.join([*BUILDERS, *FROM_FILE])}")
         options = options or {}
         if not isinstance(options, dict):
             raise TransformError(f"{name} options are {options!r}; expected a mapping")

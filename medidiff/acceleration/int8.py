@@ -1,0 +1,218 @@
+"""Real int8 inference on x86 CPUs (oneDNN's int8 convolution), stored as a self-contained int8 file.
+
+Every k x k convolution (k > 1) except the model's first layer runs on ``onednn::qconv_pointwise``
+(the kernel behind PyTorch's x86 int8 path): its input is quantized per tensor with a range calibrated
+as in Q-Diffusion (:class:`~medidiff.acceleration.quantization.PostTrainingQuantization`, inputs recorded
+across the sampling timesteps), its weight is int8 per output channel (symmetric range search), and the
+kernel returns float directly (no output quantization). Inputs use 7 bits (0..127), as PyTorch's x86
+default (``reduce_range``) does: without AVX-512 VNNI the kernels add uint8 x int8 products in 16 bits,
+and 8-bit inputs overflow there. The other Conv/Linear layers (1x1 convolutions and attention, where
+int8 kernels measured slower than float on this CPU; ``conv_in``, which reads the sampler's state) keep
+float kernels on int8-stored weights. With ``temporal_cache`` (TFMQ-DM) the time-embedding path keeps
+float activations on its own int8 weights and its features are kept per timestep
+(:mod:`medidiff.acceleration.temporal`).
+
+The file (:meth:`Int8Quantization.save`) holds every parameter of the model: int8 weights with their
+float32 steps, float32 biases and norm parameters, and the input ranges; applied from it
+(:meth:`Int8Quantization.load`), the model's own weights are not used at all, only its architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks.hooks import HookRegistry
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from medidiff.acceleration.calibration import CalibrationSet
+from medidiff.acceleration.fake_quant import scale_zero, signed_weight
+from medidiff.acceleration.layers import LayerOverride, override_weight, weight_layers
+from medidiff.acceleration.quantization import PostTrainingQuantization
+from medidiff.acceleration.temporal import TemporalFeatures, cache_time_path, time_path_layers
+from medidiff.acceleration.transform import Transform, TransformError
+from medidiff.io.atomic import atomic_write
+from medidiff.methods.base import ModelFunction
+
+METADATA_KEY = "medidiff_int8"
+ACT_BITS = 7
+STORED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)
+
+
+def runs_int8(layer: nn.Module) -> bool:
+    """Whether oneDNN's int8 kernel runs this layer: a plain k x k convolution, k > 1."""
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1) and layer.groups == 1
+            and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple))
+
+
+def _check_kernels() -> None:
+    try:
+        torch.ops.onednn.qconv_pointwise  # noqa: B018 (looking the operator up is the check)
+    except (AttributeError, RuntimeError):
+        raise TransformError("int8 needs PyTorch's oneDNN int8 convolution (an x86 CPU build); simulate it with "
+                             "PostTrainingQuantization instead") from None
+    if not torch.backends.mkldnn.is_available():
+        raise TransformError("int8 needs PyTorch built with oneDNN (mkldnn); simulate it with PostTrainingQuantization")
+
+
+class Int8Conv(LayerOverride):
+    """A Conv2d on oneDNN's int8 kernel: 7-bit input (step, zero point), int8 weight, float output."""
+
+    def __init__(self, layer: nn.Conv2d, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: float, input_zero: int):
+        super().__init__()
+        self.scale, self.bias, self.input_scale, self.input_zero = scale, bias, input_scale, input_zero
+        self.zeros = torch.zeros(len(scale), dtype=torch.int64)
+        self.args = (list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups)
+        self.packed = torch.ops.onednn.qconv_prepack(weight, scale, input_scale, input_zero, *self.args, None)
+
+    def new_forward(self, module, x):
+        codes = (x / self.input_scale).round_().add_(self.input_zero).clamp_(0, 2**ACT_BITS - 1).to(torch.uint8)
+        return torch.ops.onednn.qconv_pointwise(codes, self.input_scale, self.input_zero, self.packed, self.scale,
+                                                self.zeros, self.bias, *self.args, 1.0, 0, torch.float32, "none", [], "")
+
+
+class StoredLayer(LayerOverride):
+    """Runs a Conv2d / Linear / GroupNorm / LayerNorm with the stored ``weight`` and ``bias``."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def new_forward(self, module, x):
+        if isinstance(module, nn.Conv2d):
+            return module._conv_forward(x, self.weight, self.bias)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, self.weight, self.bias)
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, self.weight, self.bias, module.eps)
+        return F.layer_norm(x, module.normalized_shape, self.weight, self.bias, module.eps)
+
+
+def stored_modules(model_fn: nn.Module) -> dict[str, nn.Module]:
+    """Every module that owns parameters, by name; refuses parameter owners the int8 file cannot hold."""
+    owners = {name: m for name, m in model_fn.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    for name, m in owners.items():
+        if not isinstance(m, STORED):
+            raise TransformError(f"int8 cannot store {type(m).__name__} layer {name!r}; it stores "
+                                 f"{', '.join(t.__name__ for t in STORED)} layers")
+    if any(True for _ in model_fn.buffers()):
+        raise TransformError("int8 cannot store a model with buffers (e.g. batch-norm statistics)")
+    if any(p.device.type != "cpu" for p in model_fn.parameters()):
+        raise TransformError("int8 kernels run on the CPU; move the model to the CPU first")
+    return owners
+
+
+class Int8Quantization(Transform):
+    """W8A7 on real int8 kernels, calibrated on ``calibration`` (see the module docstring).
+
+    The first application quantizes and calibrates; :meth:`save` writes the result and :meth:`load`
+    applies it without calibration data, to any model of the same architecture.
+    """
+
+    name = "int8"
+
+    def __init__(self, calibration: CalibrationSet | None = None, temporal_cache: bool = True):
+        self.calibration, self.temporal_cache = calibration, temporal_cache
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.kinds: dict[str, str] = {}  # module name -> "int8" (kernel), "weight" (int8-stored), "float"
+        self.source = "its first model"
+        self.temporal: TemporalFeatures | None = None  # the time-path features kept, while applied
+
+    def attach(self, model_fn: ModelFunction) -> None:
+        owners = stored_modules(model_fn)
+        time_path = time_path_layers(model_fn) if self.temporal_cache else {}
+        if not self.tensors:
+            self.tensors, self.kinds = self._quantize(model_fn, owners)
+        self._check(owners, dict(model_fn.named_parameters()))
+        computes = {}
+        for name, module in owners.items():
+            hook = self._hook(name, module)
+            if name in time_path:
+                computes[name] = hook.new_forward
+            elif isinstance(module, nn.Conv2d | nn.Linear):
+                override_weight(module, hook, self.name)
+            else:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self.name)
+        if time_path:
+            self.temporal = cache_time_path(model_fn, self.name, computes)
+
+    def _hook(self, name: str, module: nn.Module) -> LayerOverride:
+        t, kind = self.tensors, self.kinds[name]
+        bias = t.get(f"{name}.bias")
+        if kind == "int8":
+            return Int8Conv(module, t[f"{name}.weight"], t[f"{name}.weight_scale"], bias,
+                            float(t[f"{name}.input_scale"]), int(t[f"{name}.input_zero"]))
+        weight = t.get(f"{name}.weight")
+        if kind == "weight":
+            weight = weight.float() * t[f"{name}.weight_scale"].reshape((-1,) + (1,) * (weight.ndim - 1))
+        return StoredLayer(weight, bias)
+
+    def _check(self, owners: dict[str, nn.Module], params: dict[str, torch.Tensor]) -> None:
+        stored = {k: v for k, v in self.tensors.items() if not k.endswith(("_scale", "_zero"))}
+        expected = {k: tuple(v.shape) for k, v in params.items()}
+        if {k: tuple(v.shape) for k, v in stored.items()} != expected or set(self.kinds) != set(owners) or any(
+                kind == "int8" and not runs_int8(owners[name]) for name, kind in self.kinds.items()):
+            raise TransformError(f"int8 from {self.source} was made for another architecture than this model's; "
+                                 "quantize this model anew")
+        if "int8" in self.kinds.values():
+            _check_kernels()
+
+    @torch.no_grad()
+    def _quantize(self, model_fn: ModelFunction, owners: dict[str, nn.Module]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        first = next(iter(weight_layers(model_fn)), None)
+        kernel = {name for name, m in owners.items() if runs_int8(m) and name != first}
+        if kernel and (self.calibration is None or not self.calibration.inputs):
+            raise TransformError("int8 has no calibration inputs; record them with record_model_inputs")
+        ptq = PostTrainingQuantization(self.calibration, 8, ACT_BITS, split_shortcut=False, head_stem_bits=None,
+                                       symmetric_weights=True, quantized_input=lambda name, layer: name in kernel)
+        layers = ptq.quantize_layers(model_fn) if any(isinstance(m, nn.Conv2d | nn.Linear) for m in owners.values()) \
+            else {}
+        tensors, kinds = {}, {}
+        for name, module in owners.items():
+            for key, p in module.named_parameters(recurse=False):
+                tensors[f"{name}.{key}"] = p.detach().float().clone()
+            kinds[name] = "float"
+            if name not in layers:
+                continue
+            q = layers[name]
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = signed_weight(q.codes, q.weight_ranges, 8)
+            kinds[name] = "weight"
+            if name in kernel and q.act_ranges is not None:  # layers the model never ran keep a float input
+                lo, hi = q.act_ranges[0, 0].clamp(max=0), q.act_ranges[0, 1].clamp(min=0)
+                scale, zero = scale_zero(lo, hi, ACT_BITS)
+                tensors[f"{name}.input_scale"], tensors[f"{name}.input_zero"] = scale.reshape(1), zero.reshape(1)
+                kinds[name] = "int8"
+        return tensors, kinds
+
+    def save(self, path: str | Path) -> Path:
+        """Write the int8 model (after an application) as safetensors; returns the path."""
+        if not self.tensors:
+            raise TransformError("int8: nothing to save yet; apply it to the model first")
+        path = Path(path)
+        with atomic_write(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp,
+                      metadata={METADATA_KEY: json.dumps({"act_bits": ACT_BITS, "kinds": self.kinds})})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, temporal_cache: bool = True) -> Int8Quantization:
+        """An int8 model written by :meth:`save`, ready to apply without calibration."""
+        path = Path(path)
+        try:
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {})[METADATA_KEY])
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
+            raise TransformError(f"{path}: not a medidiff int8 file ({e}); write one with Int8Quantization.save") \
+                from None
+        if meta.get("act_bits") != ACT_BITS:
+            raise TransformError(f"{path}: int8 file with {meta.get('act_bits')}-bit inputs; expected {ACT_BITS}")
+        transform = cls(None, temporal_cache)
+        transform.tensors, transform.kinds, transform.source = tensors, meta["kinds"], str(path)
+        return transform

@@ -1,0 +1,156 @@
+"""Real int8 kernels (oneDNN) on a tiny diffusers UNet: agreement with the simulation and the float model,
+the self-contained file, the temporal feature cache, removal, composition and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from medidiff.acceleration import (
+    DeepCache,
+    Int8Quantization,
+    MagnitudePruning,
+    TransformError,
+    applied,
+    record_model_inputs,
+    transforms_from_spec,
+)
+from medidiff.acceleration.fake_quant import fake_quantize
+from medidiff.acceleration.int8 import ACT_BITS
+from medidiff.acceleration.temporal import time_path_layers
+from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
+from tests.test_acceleration import STEPS, rel_err, run
+
+CONFIG = {"latent_channels": 2, "channels": [16, 32, 32], "layers_per_block": 1, "norm_groups": 8,
+          "attention_head_dim": 8}
+
+
+def tiny_model(seed: int) -> ConcatConditionUNet:
+    torch.manual_seed(seed)
+    return ConcatConditionUNet(build_noise_unet(CONFIG)).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    return tiny_model(0)
+
+
+@pytest.fixture(scope="module")
+def baseline(model_fn):
+    return run(model_fn)
+
+
+@pytest.fixture(scope="module")
+def int8(model_fn):
+    """Quantized once for the module (calibration on two other sampling runs)."""
+    calibration = record_model_inputs(model_fn, lambda: [run(model_fn, seed) for seed in (1, 2)], every=2)
+    quant = Int8Quantization(calibration)
+    quant.apply(model_fn)
+    quant.remove(model_fn)
+    return quant
+
+
+def test_int8_kernel_computes_its_simulation(model_fn, int8):
+    conv = model_fn.net.up_blocks[1].resnets[0].conv1
+    assert int8.kinds["net.up_blocks.1.resnets.0.conv1"] == "int8"
+    assert int8.kinds["net.conv_in"] == "weight" and int8.kinds["net.up_blocks.1.resnets.0.conv_shortcut"] == "weight"
+    t, seen = int8.tensors, []
+    handle = conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        run(model_fn, seed=3)
+    finally:
+        handle.remove()
+    x = seen[STEPS // 2]  # the layer's input halfway through sampling
+    scale, zero = t["net.up_blocks.1.resnets.0.conv1.input_scale"], t["net.up_blocks.1.resnets.0.conv1.input_zero"]
+    lo, hi = -zero * scale, (2**ACT_BITS - 1 - zero) * scale
+    weight = t["net.up_blocks.1.resnets.0.conv1.weight"]
+    assert weight.dtype == torch.int8
+    simulated = F.conv2d(fake_quantize(x, lo, hi, ACT_BITS),
+                         weight.float() * t["net.up_blocks.1.resnets.0.conv1.weight_scale"][:, None, None, None],
+                         conv.bias, padding=1)
+    with applied(model_fn, int8):
+        real = conv(x)
+    assert rel_err(real, simulated) < 1e-5  # integer arithmetic: only the float rescaling differs
+    assert 1e-4 < rel_err(real, conv(x)) < 0.05  # and it is not the float layer
+
+
+def test_int8_stays_close_to_float_and_removes_without_a_trace(model_fn, baseline, int8):
+    before = {k: v.clone() for k, v in model_fn.state_dict().items()}
+    with applied(model_fn, int8):
+        out = run(model_fn)
+    assert 0 < rel_err(out, baseline) < 0.1 * rel_err(run(model_fn, seed=5), baseline)
+    assert torch.equal(run(model_fn), baseline)
+    assert all(torch.equal(v, before[k]) for k, v in model_fn.state_dict().items())
+
+
+def test_int8_file_is_int8_self_contained_and_reloads_identically(model_fn, int8, tmp_path):
+    with applied(model_fn, int8):
+        expected = run(model_fn)
+    path = int8.save(tmp_path / "unet-int8.safetensors")
+    float_bytes = sum(4 * p.numel() for p in model_fn.parameters())
+    assert path.stat().st_size < 0.35 * float_bytes
+    with safe_open(path, "pt") as f:
+        assert f.get_slice("net.mid_block.resnets.0.conv1.weight").get_dtype() == "I8"
+    (loaded,) = transforms_from_spec({"int8": {"file": str(path)}})
+    with applied(model_fn, loaded):
+        assert torch.equal(run(model_fn), expected)
+    other = tiny_model(1)  # same architecture, other weights: the file carries every parameter
+    assert not torch.equal(run(other), run(model_fn))
+    with applied(other, Int8Quantization.load(path)):
+        assert torch.equal(run(other), expected)
+    wider = ConcatConditionUNet(build_noise_unet({**CONFIG, "channels": [16, 32, 64]}))
+    with pytest.raises(TransformError, match="unet-int8.safetensors was made for another architecture"):
+        Int8Quantization.load(path).apply(wider)
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in wider.modules())
+    (tmp_path / "bad.safetensors").write_text("not a tensor file")
+    with pytest.raises(TransformError, match="bad.safetensors: not a medidiff int8 file"):
+        Int8Quantization.load(tmp_path / "bad.safetensors")
+
+
+def test_temporal_cache_keeps_one_feature_per_timestep_and_layer(model_fn, int8, tmp_path):
+    layers = time_path_layers(model_fn)
+    assert "net.time_embedding.linear_1" in layers and "net.mid_block.resnets.0.time_emb_proj" in layers
+    plain = Int8Quantization.load(int8.save(tmp_path / "q.safetensors"), temporal_cache=False)
+    with applied(model_fn, plain):
+        expected = run(model_fn)
+    with applied(model_fn, int8):
+        assert torch.equal(run(model_fn), expected)
+        assert len(int8.temporal.features) == STEPS * len(layers)
+        assert torch.equal(run(model_fn), expected)  # the second image reuses every kept feature
+        assert len(int8.temporal.features) == STEPS * len(layers)
+
+
+def test_int8_composes_with_deepcache_in_either_order(model_fn, int8):
+    cache = DeepCache(interval=2)
+    with applied(model_fn, int8, cache):
+        a = run(model_fn)
+    with applied(model_fn, cache, int8):
+        b = run(model_fn)
+    with applied(model_fn, cache):
+        cached_float = run(model_fn)
+    assert torch.equal(a, b) and not torch.equal(a, cached_float)
+
+
+def test_int8_refusals_are_clear(model_fn, int8):
+    with applied(model_fn, MagnitudePruning(0.2)):
+        with pytest.raises(TransformError, match="cannot be combined with pruning"):
+            int8.apply(model_fn)
+    with pytest.raises(TransformError, match="no calibration inputs"):
+        Int8Quantization().apply(model_fn)
+    labelled = build_noise_unet(CONFIG)
+    labelled.class_embedding = torch.nn.Linear(3, 64)
+    with pytest.raises(TransformError, match="time embedding also depends on class labels"):
+        Int8Quantization(temporal_cache=True).apply(ConcatConditionUNet(labelled))
+    with pytest.raises(TransformError, match="cannot store a model with buffers"):
+        Int8Quantization().apply(ConcatConditionUNet(torch.nn.Sequential(torch.nn.BatchNorm2d(2, affine=False))))
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in model_fn.modules())
