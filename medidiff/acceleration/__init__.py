@@ -9,6 +9,8 @@ under its own name and is removed again without a trace::
 
 - :class:`DeepCache`: reuse the deep UNet features between refresh steps (``deepcache``); uniform,
   the paper's non-uniform, or a profiled schedule (:func:`feature_changes`, :func:`profiled_refresh_steps`).
+- :class:`FasterDiffusion`: propagate the encoder's features, decode several steps as one batch
+  (``faster_diffusion``).
 - :class:`PostTrainingQuantization`: Q-Diffusion-style fake quantization (``quantization``),
   calibrated on :func:`record_model_inputs` (inputs recorded across sampling timesteps).
 - :class:`Int8Quantization`: real int8 kernels (oneDNN, x86 CPU) and a self-contained int8 file
@@ -25,6 +27,7 @@ its paper.
 from medidiff.acceleration.calibration import CalibrationSet, record_model_inputs
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.faster_diffusion import FasterDiffusion
 from medidiff.acceleration.int8 import Int8Quantization
 from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.acceleration.pruning import MagnitudePruning
@@ -32,6 +35,6 @@ from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
-__all__ = ["CalibrationSet", "ChannelPruning", "DeepCache", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "Transform",
-           "TransformError", "applied", "feature_changes", "profiled_refresh_steps", "record_model_inputs",
-           "transforms_from_spec"]
+__all__ = ["CalibrationSet", "ChannelPruning", "DeepCache", "FasterDiffusion", "Int8Quantization", "MagnitudePruning",
+           "PostTrainingQuantization", "Transform", "TransformError", "applied", "feature_changes",
+           "profiled_refresh_steps", "record_model_inputs", "transforms_from_spec"]

@@ -1,8 +1,8 @@
 """DeepCache (Ma et al., 2023): reuse the deep UNet features, recompute only a shallow branch.
 
 On a refresh step (every ``interval``-th model call since :meth:`ModelFunction.reset_hooks`, the
-first included, or the steps of the paper's non-uniform schedule; a call with a new input shape
-always refreshes) the UNet runs whole and every layer's output is kept. On the other steps the shallow
+first included, or the steps of the paper's non-uniform schedule; a call with a new input shape or a
+timestep above the previous call's, i.e. a new sampling run such as the next tile, starts over) the UNet runs whole and every layer's output is kept. On the other steps the shallow
 branch ``branch`` runs: ``conv_in``, the first ``branch`` down layers (a layer = resnet (+ its
 attention) or a down-sampler) and the up resnets that consume their skip features; every other
 layer (deeper down layers, the mid block, the earlier up layers) returns its cached output, so the
@@ -11,20 +11,22 @@ first recomputed up resnet gets the cached high-level feature concatenated with 
 resnet and the output head.
 
 Works on any diffusers UNet with ``down_blocks``/``mid_block``/``up_blocks`` (``UNet2DModel``,
-``UNet2DConditionModel``) found inside the model function. Steps are model-function calls: a
+``UNet2DConditionModel``) and on the reversible U-Net of restoration and IDM (branch ``b``: resolution
+level ``b`` runs fresh on the down and the up path, every level below it is cached), found inside the
+model function (:mod:`medidiff.acceleration.unets`). Steps are model-function calls: a
 sampler that calls the model more than once per step (e.g. guidance) counts each call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import HookRegistry
-from torch import nn
 
 from medidiff.acceleration.transform import Transform, TransformError
+from medidiff.acceleration.unets import find_layout
 from medidiff.methods.base import ModelFunction
 
 
@@ -51,12 +53,16 @@ class _Schedule:
     refresh_steps: frozenset[int] | None = None  # non-uniform: these steps; uniform: every interval-th
     step: int = 0
     shape: tuple | None = None
+    timesteps: list[torch.Tensor] = field(default_factory=list)  # of the calls so far (since the restart)
+
+    def refresh_at(self, step: int) -> bool:
+        if self.refresh_steps is not None:
+            return step in self.refresh_steps
+        return step % self.interval == 0
 
     @property
     def refresh(self) -> bool:
-        if self.refresh_steps is not None:
-            return self.step in self.refresh_steps
-        return self.step % self.interval == 0
+        return self.refresh_at(self.step)
 
 
 class _StepCounter(ModelHook):
@@ -70,8 +76,14 @@ class _StepCounter(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         shape = tuple(args[0].shape) if args and torch.is_tensor(args[0]) else None
-        if shape != self.schedule.shape:  # a new input without reset_hooks: start over, never reuse
-            self.schedule.step, self.schedule.shape = 0, shape
+        t = args[1].detach() if len(args) > 1 and torch.is_tensor(args[1]) else None
+        previous = self.schedule.timesteps[-1] if self.schedule.timesteps else None
+        rising = t is not None and previous is not None and bool((t.max() > previous.max()).item())
+        if shape != self.schedule.shape or rising:  # a new input (tile) without reset_hooks: start over
+            self.reset_state(module)
+            self.schedule.shape = shape
+        if t is not None:
+            self.schedule.timesteps.append(t)
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -79,8 +91,19 @@ class _StepCounter(ModelHook):
         return output
 
     def reset_state(self, module):
-        self.schedule.step, self.schedule.shape = 0, None
+        self.schedule.step, self.schedule.shape, self.schedule.timesteps = 0, None, []
         return module
+
+
+def _repeat(value, times: int):
+    """``value`` (a tensor or nested tuples of tensors) repeated ``times`` along the batch."""
+    if torch.is_tensor(value):
+        return value.repeat(times, *[1] * (value.ndim - 1))
+    return type(value)(_repeat(v, times) for v in value)
+
+
+def _batch(args: tuple, kwargs: dict) -> int | None:
+    return next((len(a) for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
 
 
 class _CachedLayer(ModelHook):
@@ -90,45 +113,19 @@ class _CachedLayer(ModelHook):
 
     def __init__(self, schedule: _Schedule):
         super().__init__()
-        self.schedule, self.output = schedule, None
+        self.schedule, self.output, self.batch = schedule, None, None
 
     def new_forward(self, module, *args, **kwargs):
         if self.schedule.refresh or self.output is None:
             self.output = self.fn_ref.original_forward(*args, **kwargs)
-        return self.output
+            self.batch = _batch(args, kwargs)
+            return self.output
+        batch = _batch(args, kwargs)  # several steps decoded as one batch (Faster Diffusion): repeat the kept output
+        return self.output if batch == self.batch or not batch else _repeat(self.output, batch // self.batch)
 
     def reset_state(self, module):
         self.output = None
         return module
-
-
-def find_unet(model_fn: nn.Module) -> nn.Module:
-    """The (first) diffusers UNet inside ``model_fn``."""
-    for module in model_fn.modules():
-        if all(hasattr(module, a) for a in ("down_blocks", "mid_block", "up_blocks", "conv_in")):
-            return module
-    raise TransformError(f"DeepCache needs a diffusers UNet (down_blocks/mid_block/up_blocks); "
-                         f"{type(model_fn).__name__} has none")
-
-
-def _layers(block: nn.Module, samplers: str) -> list[list[nn.Module]]:
-    """A block's layers in call order: [resnet, attention?] pairs, then each resampler alone."""
-    attentions = list(getattr(block, "attentions", None) or [])
-    pairs = [[r] + ([attentions[i]] if i < len(attentions) else []) for i, r in enumerate(block.resnets)]
-    return pairs + [[s] for s in (getattr(block, samplers, None) or [])]
-
-
-def deep_layers(unet: nn.Module, branch: int) -> list[nn.Module]:
-    """The modules that DeepCache caches for skip branch ``branch`` (0 = shallowest)."""
-    down = [layer for block in unet.down_blocks for layer in _layers(block, "downsamplers")]
-    if not 0 <= branch < len(down):
-        raise TransformError(f"DeepCache branch is {branch}; this UNet has branches 0..{len(down) - 1}")
-    up = [layer for block in unet.up_blocks for layer in _layers(block, "upsamplers")]
-    # up resnets consume the skip features in reverse: the last branch + 1 of them (and what follows) run
-    up_resnets = {id(r) for block in unet.up_blocks for r in block.resnets}
-    first_fresh = [i for i, layer in enumerate(up) if id(layer[0]) in up_resnets][-(branch + 1)]
-    cached = [m for layer in down[branch:] + up[:first_fresh] for m in layer]
-    return cached + ([unet.mid_block] if unet.mid_block is not None else [])
 
 
 class DeepCache(Transform):
@@ -163,6 +160,6 @@ class DeepCache(Transform):
 
     def attach(self, model_fn: ModelFunction) -> None:
         schedule = _Schedule(self.interval, self.refresh_steps)
-        for module in deep_layers(find_unet(model_fn), self.branch):
+        for module in find_layout(model_fn).deep(self.branch):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_CachedLayer(schedule), self.name)
         model_fn.register_hook(_StepCounter(schedule), self.name)

@@ -13,16 +13,14 @@ from collections.abc import Callable
 
 import torch
 
-from medidiff.acceleration.deepcache import deep_layers, find_unet
+from medidiff.acceleration.unets import find_layout
 from medidiff.methods.base import ModelFunction
 
 
 def feature_changes(model_fn: ModelFunction, run: Callable[[], object], branch: int = 0) -> list[float]:
     """``|f_k - f_(k-1)| / |f_(k-1)|`` of the reused deep feature for every model call of ``run()``
     after the first (``run`` should sample one input, hooks reset first as methods do)."""
-    unet = find_unet(model_fn)
-    up_modules = {id(m) for block in unet.up_blocks for m in block.modules()}
-    last_cached = [m for m in deep_layers(unet, branch) if id(m) in up_modules][-1]
+    last_cached = find_layout(model_fn).reused(branch)
     features: list[torch.Tensor] = []
     handle = last_cached.register_forward_hook(lambda m, args, out: features.append(out.detach().clone()))
     try:

@@ -8,12 +8,14 @@ import inspect
 
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.faster_diffusion import FasterDiffusion
 from medidiff.acceleration.int8 import Int8Quantization
 from medidiff.acceleration.pruning import MagnitudePruning
 from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.transform import Transform, TransformError
 
-BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning}
+BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning,
+            "faster_diffusion": FasterDiffusion}
 FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization}  # made from calibration data
 
 

@@ -17,6 +17,7 @@ takes PixelSpacing and ImagePositionPatient (or a radiograph's ImagerPixelSpacin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class _Restoration:
     refusal_hint = ""  # what to do with another modality
     size_hint = ""  # what to do with a slice of absurd size
 
-    def __init__(self, method: str, steps: int | None, model: str, seed: int, tile: int):
+    def __init__(self, method: str, steps: int | None, model: str, seed: int, tile: int, accelerate: dict | None):
         from medidiff.methods.restoration import METHODS
 
         if method not in METHODS:
@@ -71,6 +72,15 @@ class _Restoration:
                 if not (folder / f"{stem}.json").is_file():
                     raise ParameterError("model", model, f"default, models:/<name>/<version> or a folder holding "
                                                          f"{stem}.json + {stem}.safetensors ({folder} has no {stem}.json)")
+        self.transforms = []
+        if accelerate is not None:
+            from medidiff.acceleration import TransformError, transforms_from_spec
+
+            try:
+                self.transforms = transforms_from_spec(accelerate)
+            except TransformError as e:
+                raise ParameterError("accelerate", accelerate, f"deepcache/faster_diffusion/channel_pruning options "
+                                                               f"({e})") from None
         self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
 
     def task_of(self, modality: str) -> str:
@@ -123,6 +133,14 @@ class _Restoration:
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
         return item | {"image": MetaTensor(restored, meta=self.output_meta(meta, restored.shape[1:]))}
 
+    def accelerated(self, net):
+        """A context in which ``net``'s model function runs with this stage's transforms."""
+        if not self.transforms:
+            return contextlib.nullcontext()
+        from medidiff.acceleration import applied
+
+        return applied(net.model_fn, *self.transforms)
+
     def restore(self, net, volume: torch.Tensor) -> torch.Tensor:
         """``volume`` (1, cols, rows, slices) in modality units restored slice by slice, on the output grid."""
         from tqdm.auto import tqdm
@@ -133,7 +151,7 @@ class _Restoration:
         intensity = net.config["intensity"]
         hounsfield = intensity["kind"] == "hu"
         out = torch.empty(1, cols * self.scale, rows * self.scale, slices)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerated(net):
             for k in tqdm(range(slices), desc=self.name, unit="slice", leave=False, disable=None if slices > 1 else True):
                 plane = volume[0, :, :, k].T.float()[None, None]  # (1, 1, rows, cols)
                 padding = plane < PADDING_HU if hounsfield else torch.zeros_like(plane, dtype=torch.bool)
@@ -158,7 +176,8 @@ class Denoise(_Restoration):
     (null: as trained); ``model``: ``default`` (shipped) or a folder with ``<method>.json`` +
     ``.safetensors``; ``seed``: slice ``k`` samples with ``seed + k``; ``tile``: side of the overlapping tiles of
     larger (output) slices; 512 keeps a 512 x 512 slice whole (tiles of 256 made it ~1.8x slower: 9 overlapping
-    tiles hold 2.25x its pixels).
+    tiles hold 2.25x its pixels); ``accelerate``: model transforms, e.g. ``{deepcache: {interval: 3}}``
+    (docs/acceleration.md).
     """
 
     task = "denoise"  # evaluation metrics and baseline (the noisy input): medidiff.evaluation.tasks
@@ -168,8 +187,8 @@ class Denoise(_Restoration):
     refusal_hint = "the denoisers are trained on low-dose CT"
 
     def __init__(self, method: str = "resshift", steps: int | None = None, model: str = "default", seed: int = 0,
-                 tile: int = 512):
-        super().__init__(method, steps, model, seed, tile)
+                 tile: int = 512, accelerate: dict | None = None):
+        super().__init__(method, steps, model, seed, tile, accelerate)
 
 
 @register_stage("super_resolution", summary="Diffusion super-resolution (2x/4x) of MR series and CR/DX radiographs, "
@@ -178,7 +197,7 @@ class SuperResolution(_Restoration):
     """``scale`` times the rows and columns of each MR slice or radiograph; PixelSpacing (ImagerPixelSpacing)
     divided by ``scale``, position moved so the image covers the same field of view.
 
-    ``method``, ``steps``, ``model``, ``seed``, ``tile``: as for ``denoise``; ``scale``: 2 or 4 (the shipped
+    ``method``, ``steps``, ``model``, ``seed``, ``tile``, ``accelerate``: as for ``denoise``; ``scale``: 2 or 4 (the shipped
     models: MR 2x and 4x, radiographs 4x).
     """
 
@@ -188,10 +207,10 @@ class SuperResolution(_Restoration):
     refusal_hint = "CT series are denoised (the denoise stage, pipeline ct-denoising), not super-resolved"
 
     def __init__(self, method: str = "resshift", scale: int = 4, steps: int | None = None, model: str = "default",
-                 seed: int = 0, tile: int = 512):
+                 seed: int = 0, tile: int = 512, accelerate: dict | None = None):
         if scale not in (2, 4):
             raise ParameterError("scale", scale, "2 or 4")
-        super().__init__(method, steps, model, seed, tile)
+        super().__init__(method, steps, model, seed, tile, accelerate)
         self.scale = scale
         self.model_tasks = {"MR": f"mr_sr{scale}", "CR": f"xray_sr{scale}", "DX": f"xray_sr{scale}"}
 
