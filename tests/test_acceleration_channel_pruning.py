@@ -17,25 +17,10 @@ from medidiff.acceleration import (
     transforms_from_spec,
 )
 from medidiff.acceleration.channel_pruning import group_scores, prunable_blocks, refit
-from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
+from medidiff.methods.bone_suppression import ConcatConditionUNet
 from medidiff.methods.restoration import RestorationFunction
 from medidiff.nets.reversible_unet import ReversibleUNet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_fn():
-    torch.manual_seed(0)
-    unet = build_noise_unet({"latent_channels": 2, "channels": [16, 32, 32], "layers_per_block": 1,
-                             "norm_groups": 8, "attention_head_dim": 8})
-    return ConcatConditionUNet(unet).eval().requires_grad_(False)
+from tests.test_acceleration import model_fn, one_thread, rel_err  # noqa: F401
 
 
 def call_inputs(seed: int, t: int = 500):
@@ -43,11 +28,7 @@ def call_inputs(seed: int, t: int = 500):
     return torch.randn(1, 2, 16, 16, generator=gen), torch.tensor([t]), torch.randn(1, 2, 16, 16, generator=gen)
 
 
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def test_pruned_layers_are_the_original_with_the_dropped_groups_zeroed(model_fn):
+def test_pruned_layers_are_the_original_with_the_dropped_groups_zeroed(model_fn):  # noqa: F811
     """GroupNorm groups are independent: the smaller layers compute exactly what the full block computes
     when conv2 ignores the dropped channels, so the pruning is exact apart from what those channels added."""
     zeroed = copy.deepcopy(model_fn)
@@ -72,7 +53,7 @@ def test_pruned_layers_are_the_original_with_the_dropped_groups_zeroed(model_fn)
     assert torch.equal(model_fn(*x), model_fn(*x)) and ChannelPruning.kept_fraction(model_fn) == 1.0
 
 
-def test_sparsity_zero_is_exact_and_removal_restores_the_model(model_fn):
+def test_sparsity_zero_is_exact_and_removal_restores_the_model(model_fn):  # noqa: F811
     x = call_inputs(1)
     expected = model_fn(*x)
     with applied(model_fn, ChannelPruning(0.0)):
@@ -104,7 +85,7 @@ def test_refit_recovers_what_the_kept_channels_can_express():
         assert rel_err(torch.nn.functional.conv2d(x[:, keep], conv.weight[:, keep], conv.bias, padding=1), expected) > 0.1
 
 
-def test_calibrated_pruning_refits_once_and_reduces_the_block_error(model_fn):
+def test_calibrated_pruning_refits_once_and_reduces_the_block_error(model_fn):  # noqa: F811
     calibration = record_model_inputs(model_fn, lambda: [model_fn(*call_inputs(s, t)) for s, t in
                                                           ((2, 900), (3, 500), (4, 100))], every=1)
     block, seen = model_fn.net.up_blocks[2].resnets[0], {}
@@ -127,7 +108,7 @@ def test_calibrated_pruning_refits_once_and_reduces_the_block_error(model_fn):
         ChannelPruning(0.5, type(calibration)())
 
 
-def test_composes_with_deepcache_and_refuses_other_weight_transforms(model_fn):
+def test_composes_with_deepcache_and_refuses_other_weight_transforms(model_fn):  # noqa: F811
     xs = [call_inputs(6, t) for t in (900, 700, 500)]
     outs = []
     for order in ((ChannelPruning(0.25), DeepCache(interval=2)), (DeepCache(interval=2), ChannelPruning(0.25))):
