@@ -22,6 +22,7 @@ import torch
 
 from medidiff.acceleration import (
     DeepCache,
+    Int8Quantization,
     MagnitudePruning,
     PostTrainingQuantization,
     applied,
@@ -68,12 +69,22 @@ def run_all(method: BSLDM, cxr: torch.Tensor, rows: dict[str, list]) -> dict[str
     return {name: (torch.cat(outs[name]), min(seconds[name]), min(model_seconds[name])) for name in rows}
 
 
+def int8_rows(calibration) -> dict[str, list]:
+    """Real int8 (oneDNN kernels; its weights column is the whole self-contained file), with and without
+    the temporal feature cache, and with DeepCache."""
+    int8 = Int8Quantization(calibration)
+    return {"int8 W8A7 (oneDNN kernels)": [int8],
+            "int8 W8A7, no temporal cache": [Int8Quantization(calibration, temporal_cache=False)],
+            "DeepCache N=3 + int8": [DeepCache(interval=3), int8]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=8, help="held-out test pairs")
     p.add_argument("--calibration-images", type=int, default=4, help="validation pairs for quantization")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=str(MODELS_DIR), help="BS-LDM folder (ldm.json + vqgan.json)")
+    p.add_argument("--rows", help="only these rows, by name, separated by ';' (the baseline always runs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     method = BSLDM.from_pretrained(a.model)
@@ -84,23 +95,30 @@ def main(argv: list[str] | None = None) -> None:
     calibration_seconds = time.perf_counter() - start
     w8, w4 = PostTrainingQuantization(calibration, 8, 8), PostTrainingQuantization(calibration, 4, 8)
     steps = method.default_steps
-    # profiled schedule: the reused feature's step-to-step change, averaged over the validation pairs
-    changes = torch.tensor([feature_changes(method.model_fn, lambda x=x: method(x)) for x in cal_cxr.split(1)]).mean(0)
-    profiled = profiled_refresh_steps(changes.tolist(), -(-steps // 3))
+    wanted = {"baseline", *a.rows.split(";")} if a.rows else None
+    profiled = [0]
+    if wanted is None or "DeepCache N=3, profiled" in wanted:
+        # profiled schedule: the reused feature's step-to-step change, averaged over the validation pairs
+        changes = torch.tensor([feature_changes(method.model_fn, lambda x=x: method(x))
+                                for x in cal_cxr.split(1)]).mean(0)
+        profiled = profiled_refresh_steps(changes.tolist(), -(-steps // 3))
     rows = {"baseline": [], **{f"DeepCache N={n}": [DeepCache(interval=n)] for n in (2, 3, 5)},
             "DeepCache N=3, non-uniform (center 15)": [DeepCache(interval=3, center=15, steps=steps)],
             "DeepCache N=3, profiled": [DeepCache(refresh_steps=profiled)],
             "W8A8 (fake quant)": [w8], "W4A8 (fake quant)": [w4],
             "W4A8, conv_in/conv_out 4-bit too": [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None)],
             **{f"pruning {p} %": [MagnitudePruning(p / 100)] for p in (10, 30, 50)},
-            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8]}
+            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8], **int8_rows(calibration)}
+    rows = {name: t for name, t in rows.items() if wanted is None or name in wanted}
     results = run_all(method, cxr, rows)
     # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
     float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
     with tempfile.TemporaryDirectory() as tmp:
-        kb = {id(t): t.save(Path(tmp) / "q.safetensors").stat().st_size / 1024
-              for transforms in rows.values() for t in transforms if isinstance(t, PostTrainingQuantization)}
+        kb = {id(t): t.save(Path(tmp) / "q.safetensors").stat().st_size / 1024 for transforms in rows.values()
+              for t in transforms if isinstance(t, PostTrainingQuantization | Int8Quantization)}
     base, base_s, base_model_s = results["baseline"]
+    all_kb = sum(p.numel() for p in method.model_fn.parameters()) / 1024
+    print(f"UNet parameters: {4 * all_kb:.0f} kB as float32, {2 * all_kb:.0f} kB as float16")
     print(f"BS-LDM {a.model}: {method.default_method.upper()} {steps} steps, 256x256, "
           f"{a.images} test phantoms, threads={a.threads}; calibration {len(calibration.inputs)} inputs over "
           f"{len(calibration.timesteps)} timesteps ({calibration_seconds:.0f} s); profiled refresh steps {profiled}\n")

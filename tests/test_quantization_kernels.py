@@ -17,7 +17,15 @@ from medidiff.acceleration import (
     record_model_inputs,
     transforms_from_spec,
 )
+from medidiff.acceleration.adaround import layer_output
 from medidiff.acceleration.fake_quant import fake_quantize
+from medidiff.acceleration.float_formats import (
+    FORMATS,
+    FloatWeightQuantization,
+    channel_scales,
+    fp_grid,
+    layer_inputs,
+)
 from medidiff.acceleration.int8 import ACT_BITS
 from medidiff.acceleration.temporal import time_path_layers
 from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
@@ -154,3 +162,28 @@ def test_int8_refusals_are_clear(model_fn, int8):
     with pytest.raises(TransformError, match="cannot store a model with buffers"):
         Int8Quantization().apply(ConcatConditionUNet(torch.nn.Sequential(torch.nn.BatchNorm2d(2, affine=False))))
     assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in model_fn.modules())
+
+
+def test_fp_grids_are_the_formats_values():
+    assert fp_grid(*FORMATS["fp4"]).tolist() == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    fp8 = fp_grid(*FORMATS["fp8"])
+    assert fp8.max() == 448 and len(fp8) == 253 and torch.equal(fp8, fp8.float().to(torch.float8_e4m3fn).float())
+
+
+def test_fp4_learned_rounding_reconstructs_layers_better_than_nearest(model_fn, baseline):
+    calibration = record_model_inputs(model_fn, lambda: run(model_fn, seed=1), every=3)
+    nearest, learned = FloatWeightQuantization("fp4"), FloatWeightQuantization("fp4", calibration, iters=40, samples=2)
+    name = "net.up_blocks.1.resnets.0.conv1"
+    inputs, errors = layer_inputs(model_fn, calibration, 2)[name], {}
+    for quant in (nearest, learned):
+        with applied(model_fn, quant):
+            assert 0 < rel_err(run(model_fn), baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
+        layer, weight = model_fn.net.up_blocks[1].resnets[0].conv1, quant.weights[name][0]
+        grid = fp_grid(*FORMATS["fp4"])
+        on_grid = (weight / channel_scales(layer.weight, grid))[..., None] - grid
+        assert on_grid.abs().amin(-1).max() < 1e-5
+        errors[quant] = sum(float((layer_output(layer, x, weight) - layer(x)).pow(2).sum()) for x in inputs)
+    assert errors[learned] < errors[nearest]
+    assert torch.equal(run(model_fn), baseline)
+    with pytest.raises(TransformError, match="format is 'fp6'"):
+        FloatWeightQuantization("fp6")
