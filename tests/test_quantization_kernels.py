@@ -12,6 +12,7 @@ from medidiff.acceleration import (
     DeepCache,
     Int8Quantization,
     MagnitudePruning,
+    PostTrainingQuantization,
     TransformError,
     applied,
     record_model_inputs,
@@ -27,6 +28,8 @@ from medidiff.acceleration.float_formats import (
     layer_inputs,
 )
 from medidiff.acceleration.int8 import ACT_BITS
+from medidiff.acceleration.layers import weight_layers
+from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
 from medidiff.acceleration.temporal import time_path_layers
 from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
 from tests.test_acceleration import STEPS, rel_err, run
@@ -187,3 +190,23 @@ def test_fp4_learned_rounding_reconstructs_layers_better_than_nearest(model_fn, 
     assert torch.equal(run(model_fn), baseline)
     with pytest.raises(TransformError, match="format is 'fp6'"):
         FloatWeightQuantization("fp6")
+
+
+def test_mixed_precision_gives_sensitive_layers_more_bits(model_fn, baseline, tmp_path):
+    calibration = record_model_inputs(model_fn, lambda: run(model_fn, seed=1), every=3)
+    sensitivity = layer_sensitivity(model_fn, calibration, bits=4, samples=2)
+    assert set(sensitivity) == set(weight_layers(model_fn)) and all(v > 0 for v in sensitivity.values())
+    bits = mixed_bits(model_fn, sensitivity, budget=6)
+    sizes = {name: layer.weight.numel() for name, layer in weight_layers(model_fn).items()}
+    assert 5 < sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values()) <= 6
+    density = {n: sensitivity[n] / sizes[n] for n in sizes}
+    assert max(density, key=density.get) in {n for n, b in bits.items() if b == 8}
+    errors, file_sizes = {}, {}
+    for key, quant in (("w4", PostTrainingQuantization(calibration, 4, None, head_stem_bits=None)),
+                       ("mixed", PostTrainingQuantization(calibration, 4, None, head_stem_bits=None, layer_bits=bits))):
+        with applied(model_fn, quant):
+            errors[key] = rel_err(run(model_fn), baseline)
+        file_sizes[key] = quant.save(tmp_path / f"{key}.safetensors").stat().st_size
+    assert errors["mixed"] < errors["w4"] and file_sizes["mixed"] > file_sizes["w4"]
+    with pytest.raises(TransformError, match=r"layer_bits\['net.conv_in'\] is 1"):
+        PostTrainingQuantization(calibration, layer_bits={"net.conv_in": 1})

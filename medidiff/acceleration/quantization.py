@@ -119,20 +119,23 @@ class PostTrainingQuantization(Transform):
     safetensors), so :meth:`load` applies it without calibration data. Either way it is refused on a
     model whose weights differ from those it was made for. ``symmetric_weights``: ranges whose codes are
     signed integers (:func:`~medidiff.acceleration.fake_quant.symmetric_start`, for int8 kernels);
-    ``quantized_input(name, layer)``: which layers' inputs are quantized (default: all but ``conv_in``).
+    ``quantized_input(name, layer)``: which layers' inputs are quantized (default: all but ``conv_in``);
+    ``layer_bits``: weight bits of named layers (e.g. :func:`~medidiff.acceleration.mixed_precision.mixed_bits`).
     """
 
     name = "quantization"
 
     def __init__(self, calibration: CalibrationSet | None = None, weight_bits: int = 8, act_bits: int | None = 8,
                  split_shortcut: bool = True, head_stem_bits: int | None = 8, symmetric_weights: bool = False,
-                 quantized_input: Callable[[str, nn.Module], bool] | None = None):
-        for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits), ("head_stem_bits", head_stem_bits)):
+                 quantized_input: Callable[[str, nn.Module], bool] | None = None,
+                 layer_bits: dict[str, int] | None = None):
+        for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits), ("head_stem_bits", head_stem_bits),
+                          *((f"layer_bits[{n!r}]", b) for n, b in (layer_bits or {}).items())):
             if bits is not None and not 2 <= bits <= 16:
                 raise TransformError(f"quantization {key} is {bits}; expected 2..16")
         self.calibration, self.weight_bits, self.act_bits = calibration, weight_bits, act_bits
         self.split_shortcut, self.head_stem_bits = split_shortcut, head_stem_bits
-        self.symmetric_weights = symmetric_weights
+        self.symmetric_weights, self.layer_bits = symmetric_weights, layer_bits or {}
         self.quantized_input = quantized_input or (lambda name, layer: not name.endswith(FLOAT_INPUT))
         self.layers: dict[str, QuantizedLayer] = {}
         self.source = "its first model"
@@ -162,6 +165,7 @@ class PostTrainingQuantization(Transform):
         for name, layer in found.items():
             split, w = splits.get(layer, 0), layer.weight.detach()
             bits = max(self.weight_bits, self.head_stem_bits) if name in head_stem else self.weight_bits
+            bits = self.layer_bits.get(name, bits)
             ranges = weight_ranges(w, bits, split, self.symmetric_weights)
             codes = weight_codes(w, ranges, bits, split)
             layers[name] = QuantizedLayer(codes, bits, ranges, None, split, checksum(w))
