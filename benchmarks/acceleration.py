@@ -6,9 +6,12 @@ model's sampler, decode) with each transform applied to ``method.model_fn``. Eve
 this run (rows take turns image by image; the fastest image, whole and inside the model function)
 and compared with the untransformed output (same seed) and with the true soft-tissue image.
 Quantization is calibrated on validation pairs (``VAL_SEEDS``, model inputs recorded every 5th
-sampling step), and the profiled DeepCache schedule is measured on the same pairs. Quantization is
-fake quantization (float kernels): it shows quality and storage (the weights column: Conv/Linear
-weights as float16, as shipped, or the quantization file of codes and ranges), not speed.
+sampling step), and the profiled DeepCache schedule is measured on the same pairs. ``PostTrainingQuantization``,
+FP8/FP4 and MixDQ rows are fake quantization (float kernels): they show quality and storage (the weights
+column: Conv/Linear weights as float16, as shipped, or the quantization file of codes and ranges), not
+speed; the int8 rows run real int8 kernels (their weights column is the whole self-contained file). A
+second table times single model calls, rows taking turns call by call (fastest of 30): steadier than
+whole images on a CPU shared with other jobs. ``--rows`` picks rows by name.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from medidiff.acceleration import (
     DeepCache,
+    FloatWeightQuantization,
     Int8Quantization,
     MagnitudePruning,
     PostTrainingQuantization,
@@ -29,6 +33,7 @@ from medidiff.acceleration import (
     record_model_inputs,
 )
 from medidiff.acceleration.layers import weight_layers
+from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
 from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.datasets import chest_phantom
 from medidiff.methods.bone_suppression import BSLDM, MODELS_DIR
@@ -69,13 +74,51 @@ def run_all(method: BSLDM, cxr: torch.Tensor, rows: dict[str, list]) -> dict[str
     return {name: (torch.cat(outs[name]), min(seconds[name]), min(model_seconds[name])) for name in rows}
 
 
-def int8_rows(calibration) -> dict[str, list]:
+def quantization_rows(method: BSLDM, calibration, adaround_iters: int, wanted: set[str] | None) -> dict[str, list]:
     """Real int8 (oneDNN kernels; its weights column is the whole self-contained file), with and without
-    the temporal feature cache, and with DeepCache."""
+    the temporal feature cache and with DeepCache; simulated FP8/FP4 weights (round to nearest or
+    AdaRound) and MixDQ-style 4/8-bit weights at 6 bits per weight on average (its per-layer
+    sensitivity is measured only when the row is ``wanted``)."""
     int8 = Int8Quantization(calibration)
+    mixdq = "MixDQ W4/W8 at 6 bits, A8 (fake)"
+    bits = {}
+    if wanted is None or mixdq in wanted:
+        bits = mixed_bits(method.model_fn, layer_sensitivity(method.model_fn, calibration, bits=4), budget=6)
     return {"int8 W8A7 (oneDNN kernels)": [int8],
             "int8 W8A7, no temporal cache": [Int8Quantization(calibration, temporal_cache=False)],
-            "DeepCache N=3 + int8": [DeepCache(interval=3), int8]}
+            "DeepCache N=3 + int8": [DeepCache(interval=3), int8],
+            "FP8 weights (fake, nearest)": [FloatWeightQuantization("fp8")],
+            "FP4 weights (fake, nearest)": [FloatWeightQuantization("fp4")],
+            "FP4 weights (fake, AdaRound)": [FloatWeightQuantization("fp4", calibration, iters=adaround_iters)],
+            mixdq: [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None, layer_bits=bits)]}
+
+
+def unet_call_ms(method: BSLDM, calibration, rows: dict[str, list], rounds: int = 30) -> dict[str, float]:
+    """Milliseconds per model call at one recorded input, per row: rows take turns call by call and
+    the fastest of ``rounds`` counts (the least disturbed by other jobs on a shared CPU)."""
+    x, t, condition = calibration.inputs[len(calibration.inputs) // 2]
+    best = dict.fromkeys(rows, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, transforms in rows.items():
+                with applied(method.model_fn, *transforms):
+                    method.model_fn(x, t, condition)  # the temporal cache is filled, as after the first image
+                    start = time.perf_counter()
+                    method.model_fn(x, t, condition)
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 1000 * s for name, s in best.items()}
+
+
+def weights_kb(transform) -> float | None:
+    """Storage of a transform's weights: its file, or for simulated float formats the nominal packed size
+    (4 or 8 bits per weight + a float32 scale per output channel); None for other transforms."""
+    if isinstance(transform, PostTrainingQuantization | Int8Quantization):
+        with tempfile.TemporaryDirectory() as tmp:
+            return transform.save(Path(tmp) / "q.safetensors").stat().st_size / 1024
+    if isinstance(transform, FloatWeightQuantization):
+        bits = 8 if transform.fmt == "fp8" else 4
+        return sum(w.numel() * bits / 8 + 4 * w.shape[0] for w, _ in transform.weights.values()) / 1024
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration-images", type=int, default=4, help="validation pairs for quantization")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=str(MODELS_DIR), help="BS-LDM folder (ldm.json + vqgan.json)")
+    p.add_argument("--adaround-iters", type=int, default=100, help="AdaRound steps per layer")
     p.add_argument("--rows", help="only these rows, by name, separated by ';' (the baseline always runs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -108,14 +152,12 @@ def main(argv: list[str] | None = None) -> None:
             "W8A8 (fake quant)": [w8], "W4A8 (fake quant)": [w4],
             "W4A8, conv_in/conv_out 4-bit too": [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None)],
             **{f"pruning {p} %": [MagnitudePruning(p / 100)] for p in (10, 30, 50)},
-            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8], **int8_rows(calibration)}
+            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8], **quantization_rows(method, calibration, a.adaround_iters, wanted)}
     rows = {name: t for name, t in rows.items() if wanted is None or name in wanted}
     results = run_all(method, cxr, rows)
     # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
     float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
-    with tempfile.TemporaryDirectory() as tmp:
-        kb = {id(t): t.save(Path(tmp) / "q.safetensors").stat().st_size / 1024 for transforms in rows.values()
-              for t in transforms if isinstance(t, PostTrainingQuantization | Int8Quantization)}
+    kb = {id(t): weights_kb(t) for transforms in rows.values() for t in transforms}
     base, base_s, base_model_s = results["baseline"]
     all_kb = sum(p.numel() for p in method.model_fn.parameters()) / 1024
     print(f"UNet parameters: {4 * all_kb:.0f} kB as float32, {2 * all_kb:.0f} kB as float16")
@@ -127,10 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (out, seconds, model_s) in results.items():
         vs_base = "exact" if torch.equal(out, base) else f"{psnr(out, base).mean():.2f}"
-        size = next((kb[id(t)] for t in rows[name] if id(t) in kb), float_kb)
+        size = next((kb[id(t)] for t in rows[name] if kb[id(t)] is not None), float_kb)
         print(f"| {name} | {seconds:.2f} | {base_s / seconds:.2f}x | {model_s:.2f} | {base_model_s / model_s:.2f}x | "
               f"{size:.0f} | {vs_base} | "
               f"{ssim(out, base).mean():.4f} | {psnr(out, soft).mean():.2f} | {ssim(out, soft).mean():.4f} |")
+    per_call = {name: t for name, t in rows.items() if not any(isinstance(x, DeepCache) for x in t)}
+    ms = unet_call_ms(method, calibration, per_call)
+    print("\n| configuration | ms / UNet call (fastest of 30, interleaved) | UNet call speed-up |\n|---|---|---|")
+    for name, value in ms.items():
+        print(f"| {name} | {value:.1f} | {ms['baseline'] / value:.2f}x |")
 
 
 if __name__ == "__main__":
