@@ -64,6 +64,25 @@ def test_faster_diffusion_runs_the_encoder_on_key_steps_and_decodes_in_parallel(
     assert 0 < rel_err(out, baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
 
 
+def test_parallel_decoding_predicts_irregular_timesteps_from_the_previous_run(model_fn):  # noqa: F811
+    x, cond = torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16)
+    timesteps, batches = (900, 870, 800, 790, 700, 650), []
+    handle = model_fn.net.up_blocks[-1].register_forward_hook(lambda m, args, out: batches.append(len(out)))
+    try:
+        with applied(model_fn, FasterDiffusion(interval=3, parallel=2)):
+            runs = []
+            for _ in range(2):
+                model_fn.reset_hooks()
+                runs.append([model_fn(x, torch.tensor([t]), cond) for t in timesteps])
+                batches.append("|")
+    finally:
+        handle.remove()
+    # first run: the spacing guesses 840 and 610, both missed (decoded alone); the second knows the schedule
+    assert batches == [1, 2, 1, 1, 2, 1, "|", 1, 2, 1, 2, "|"]
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_faster_diffusion_key_steps_noise_injection_and_reset_between_inputs(model_fn, baseline):  # noqa: F811
     counts = {}
     handle = count_calls(model_fn.net.mid_block.resnets[0].conv1, counts, "mid")

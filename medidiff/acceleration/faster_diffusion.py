@@ -6,8 +6,9 @@ On key steps (every ``interval``-th model call since :meth:`ModelFunction.reset_
 the decoder runs, on the kept skip and middle features and the step's own time embedding. The
 decoder then no longer depends on the sampler's state, so the non-key steps up to the next key step
 are decoded together as one batch (parallel decoding, at most ``parallel`` steps): their timesteps are
-predicted from the spacing of the last two calls (uniformly spaced samplers hit; a call whose
-timestep was not predicted is decoded alone, the same arithmetic). Prior noise injection adds
+those of the previous sampling run when this one has followed it so far (every image after the first),
+else predicted from the spacing of the last two calls; a call whose timestep was not predicted is
+decoded alone (the same arithmetic, only the batched work was wasted). Prior noise injection adds
 ``noise_injection`` times the first call's input (the initial noise) to the model input in the
 second half of sampling (timesteps below half the first one), as the paper adds ``0.003 * z_T`` to
 the latent.
@@ -56,14 +57,19 @@ class _Decoder(ModelHook):
     def __init__(self, schedule: _Schedule, parallel: int):
         super().__init__()
         self.schedule, self.parallel, self.decoded = schedule, parallel, {}
+        self.seen: list[tuple] = []  # timesteps of this sampling run so far
+        self.previous: list[tuple] = []  # of the last complete one
 
     def new_forward(self, module, *args, **kwargs):
         forward, schedule = self.fn_ref.original_forward, self.schedule
+        x, t = args[0], args[1]
+        key = tuple(t.reshape(-1).tolist())
+        if schedule.step == 0 and self.seen:  # a new sampling run: the last one's timesteps predict this one's
+            self.previous, self.seen = self.seen, []
+        self.seen.append(key)
         if schedule.refresh:
             self.decoded.clear()
             return forward(*args, **kwargs)
-        x, t = args[0], args[1]
-        key = tuple(t.reshape(-1).tolist())
         if key in self.decoded:
             return self.decoded.pop(key)
         steps = 1
@@ -73,9 +79,14 @@ class _Decoder(ModelHook):
         if steps == 1 or len(args) > 2 or kwargs or len(schedule.timesteps) < 2:
             return forward(*args, **kwargs)
         t = t.reshape(-1).expand(len(x))
-        spacing = (schedule.timesteps[-2] - schedule.timesteps[-1]).reshape(-1).expand(len(x))
-        ahead = [a for a in (t - j * spacing for j in range(steps)) if bool((a >= 0).all())]
-        if len(ahead) < 2 or not bool((spacing > 0).all()):
+        if self.previous[:len(self.seen)] == self.seen:
+            ahead = [t.new_tensor(k).expand(len(x)) for k in self.previous[len(self.seen) - 1:][:steps]]
+        else:
+            spacing = (schedule.timesteps[-2] - schedule.timesteps[-1]).reshape(-1).expand(len(x))
+            if not bool((spacing > 0).all()):
+                return forward(*args, **kwargs)
+            ahead = [a for a in (t - j * spacing for j in range(steps)) if bool((a >= 0).all())]
+        if len(ahead) < 2:
             return forward(*args, **kwargs)
         out = forward(x.repeat(len(ahead), *[1] * (x.ndim - 1)), torch.cat(ahead))
         sample = out.sample if hasattr(out, "sample") else out
@@ -86,6 +97,8 @@ class _Decoder(ModelHook):
 
     def reset_state(self, module):
         self.decoded.clear()
+        if self.seen:
+            self.previous, self.seen = self.seen, []
         return module
 
 

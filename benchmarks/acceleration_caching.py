@@ -1,0 +1,96 @@
+"""Feature caching and structured pruning on the shipped models: seconds per image and quality.
+
+``python benchmarks/acceleration_caching.py bs_ldm [--images 4]`` (BS-LDM, 256x256 phantoms, DDPM 50
+steps) or ``... ct_denoise [--images 3]`` (the CT-denoising ResShift T=15 model on the centre 256x256
+of the held-out slices of other patients, ``restoration_images.held_out_pairs``). Rows are timed as in
+``benchmarks/acceleration.py`` (its ``run_all``: rows take turns image by image, the fastest image,
+whole and inside the model function). Structured pruning's refit is calibrated on other images (BS-LDM:
+validation phantoms; CT: training patches), model inputs recorded every 5th step; "inner channels" is
+the fraction of the residual blocks' inner channels that still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from acceleration import pairs, run_all  # benchmarks/acceleration.py, next to this script
+
+from medidiff.acceleration import ChannelPruning, DeepCache, FasterDiffusion, applied, record_model_inputs
+from medidiff.datasets import chest_phantom
+from medidiff.datasets import restoration_images as images
+from medidiff.methods.bone_suppression import BSLDM
+from medidiff.methods.restoration import Restoration
+from medidiff.metrics import psnr, ssim
+from medidiff.resources import model_dir
+
+PAPER_KEY_STEPS = [0, 1, 2, 3, 5, 10, 15, 25, 35]  # Faster Diffusion's key steps for 50-step SD sampling
+
+
+def load(model: str, count: int):
+    """(method, test inputs, truths, calibration inputs) for ``model``."""
+    if model == "bs_ldm":
+        cxr, soft = pairs(list(chest_phantom.TEST_SEEDS)[:count])
+        return BSLDM.from_pretrained(), cxr, soft, pairs(list(chest_phantom.VAL_SEEDS)[:2])[0]
+    method = Restoration.from_pretrained(model_dir("restoration") / "ct_denoise", "resshift15")
+    held = [(clean, noisy) for _, clean, noisy in images.held_out_pairs("ct_denoise") if min(clean.shape[-2:]) >= 256]
+    crop = [tuple(t[..., (t.shape[-2] - 256) // 2:][..., :256, (t.shape[-1] - 256) // 2:][..., :256] for t in pair)
+            for pair in held[:count]]
+    _, calibration = images.training_pairs("ct_denoise", 2, 256, np.random.default_rng(0))
+    return method, torch.cat([n for _, n in crop]), torch.cat([c for c, _ in crop]), calibration
+
+
+def rows_for(model: str, calibration) -> dict[str, list]:
+    cp = {s: ChannelPruning(s, calibration) for s in (0.125, 0.25, 0.5)}
+    rows = {"baseline": [], "DeepCache N=2": [DeepCache(interval=2)], "DeepCache N=3": [DeepCache(interval=3)],
+            "Faster Diffusion N=2": [FasterDiffusion(interval=2)], "Faster Diffusion N=3": [FasterDiffusion(interval=3)],
+            "Faster Diffusion N=3, sequential decoding": [FasterDiffusion(interval=3, parallel=1)],
+            "channel pruning 25 %, no refit": [ChannelPruning(0.25)],
+            **{f"channel pruning {s:.1%} + refit": [t] for s, t in cp.items()},
+            "DeepCache N=3 + channel pruning 25 % + refit": [DeepCache(interval=3), cp[0.25]],
+            "Faster Diffusion N=3 + channel pruning 25 % + refit": [FasterDiffusion(interval=3), cp[0.25]]}
+    if model == "bs_ldm":
+        rows |= {"Faster Diffusion, paper's key steps (9 of 50)": [FasterDiffusion(key_steps=PAPER_KEY_STEPS)],
+                 "Faster Diffusion N=3, prior noise 0.003": [FasterDiffusion(interval=3, noise_injection=0.003)],
+                 "DeepCache N=5 + channel pruning 25 % + refit": [DeepCache(interval=5), cp[0.25]]}
+    else:
+        rows |= {"DeepCache N=3, branch 1": [DeepCache(interval=3, branch=1)]}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model", choices=["bs_ldm", "ct_denoise"])
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", help="only rows whose name contains one of these, separated by ';' (and the baseline)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    method, inputs, truth, cal_inputs = load(a.model, a.images)
+    start = time.perf_counter()
+    calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_inputs.split(1)], every=5)
+    calibration_seconds = time.perf_counter() - start
+    rows = rows_for(a.model, calibration)
+    if a.rows:
+        rows = {n: t for n, t in rows.items() if n == "baseline" or any(w in n for w in a.rows.split(";"))}
+    results = run_all(method, inputs, rows)
+    base, base_s, base_model_s = results["baseline"]
+    kept = {}
+    for name, transforms in rows.items():
+        with applied(method.model_fn, *transforms):
+            kept[name] = ChannelPruning.kept_fraction(method.model_fn)
+    print(f"{a.model}: {len(inputs)} held-out images {tuple(inputs.shape[-2:])}, threads={a.threads}; calibration "
+          f"{len(calibration.inputs)} model inputs ({calibration_seconds:.0f} s)\n")
+    print("| configuration | s / image | speed-up | model s / image | model speed-up | inner channels "
+          "| PSNR vs baseline (dB) | PSNR vs truth (dB) | SSIM vs truth |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (out, seconds, model_s) in results.items():
+        vs_base = "exact" if torch.equal(out, base) else f"{psnr(out, base).mean():.2f}"
+        print(f"| {name} | {seconds:.2f} | {base_s / seconds:.2f}x | {model_s:.2f} | {base_model_s / model_s:.2f}x | "
+              f"{kept[name]:.0%} | {vs_base} | {psnr(out, truth).mean():.2f} | {ssim(out, truth).mean():.4f} |")
+
+
+if __name__ == "__main__":
+    main()
