@@ -26,6 +26,7 @@ import torch
 from medidiff.acceleration import (
     DeepCache,
     FloatWeightQuantization,
+    GroupQuantization,
     Int8Quantization,
     MagnitudePruning,
     PostTrainingQuantization,
@@ -77,8 +78,8 @@ def run_all(method: BSLDM, cxr: torch.Tensor, rows: dict[str, list]) -> dict[str
 def quantization_rows(method: BSLDM, calibration, adaround_iters: int, wanted: set[str] | None) -> dict[str, list]:
     """Real int8 (oneDNN kernels; its weights column is the whole self-contained file), with and without
     the temporal feature cache and with DeepCache; simulated FP8/FP4 weights (round to nearest or
-    AdaRound) and MixDQ-style 4/8-bit weights at 6 bits per weight on average (its per-layer
-    sensitivity is measured only when the row is ``wanted``)."""
+    AdaRound), DGQ-style grouped 4-bit weights with outliers, and MixDQ-style 4/8-bit weights at 6 bits
+    per weight on average (its per-layer sensitivity is measured only when the row is ``wanted``)."""
     int8 = Int8Quantization(calibration)
     mixdq = "MixDQ W4/W8 at 6 bits, A8 (fake)"
     bits = {}
@@ -90,7 +91,8 @@ def quantization_rows(method: BSLDM, calibration, adaround_iters: int, wanted: s
             "FP8 weights (fake, nearest)": [FloatWeightQuantization("fp8")],
             "FP4 weights (fake, nearest)": [FloatWeightQuantization("fp4")],
             "FP4 weights (fake, AdaRound)": [FloatWeightQuantization("fp4", calibration, iters=adaround_iters)],
-            mixdq: [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None, layer_bits=bits)]}
+            mixdq: [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None, layer_bits=bits)],
+            "W4 groups of 16, 0.5 % outliers (fake)": [GroupQuantization(4, 16, 0.005)]}
 
 
 def unet_call_ms(method: BSLDM, calibration, rows: dict[str, list], rounds: int = 30) -> dict[str, float]:
@@ -109,7 +111,7 @@ def unet_call_ms(method: BSLDM, calibration, rows: dict[str, list], rounds: int 
     return {name: 1000 * s for name, s in best.items()}
 
 
-def weights_kb(transform) -> float | None:
+def weights_kb(transform, model_fn) -> float | None:
     """Storage of a transform's weights: its file, or for simulated float formats the nominal packed size
     (4 or 8 bits per weight + a float32 scale per output channel); None for other transforms."""
     if isinstance(transform, PostTrainingQuantization | Int8Quantization):
@@ -118,6 +120,9 @@ def weights_kb(transform) -> float | None:
     if isinstance(transform, FloatWeightQuantization):
         bits = 8 if transform.fmt == "fp8" else 4
         return sum(w.numel() * bits / 8 + 4 * w.shape[0] for w, _ in transform.weights.values()) / 1024
+    if isinstance(transform, GroupQuantization):  # codes, a float32 range per group, outliers as index + value
+        return sum(w.numel() * (transform.bits / 8 + 8 * transform.outliers) + 8 * w.shape[0] * -(-w.shape[1] //
+                   transform.group_size) for w in (m.weight for m in weight_layers(model_fn).values())) / 1024
     return None
 
 
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run_all(method, cxr, rows)
     # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
     float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
-    kb = {id(t): weights_kb(t) for transforms in rows.values() for t in transforms}
+    kb = {id(t): weights_kb(t, method.model_fn) for transforms in rows.values() for t in transforms}
     base, base_s, base_model_s = results["baseline"]
     all_kb = sum(p.numel() for p in method.model_fn.parameters()) / 1024
     print(f"UNet parameters: {4 * all_kb:.0f} kB as float32, {2 * all_kb:.0f} kB as float16")

@@ -19,7 +19,7 @@ from medidiff.acceleration import (
     transforms_from_spec,
 )
 from medidiff.acceleration.adaround import layer_output
-from medidiff.acceleration.fake_quant import fake_quantize
+from medidiff.acceleration.fake_quant import fake_quantize, weight_codes, weight_from_codes, weight_ranges
 from medidiff.acceleration.float_formats import (
     FORMATS,
     FloatWeightQuantization,
@@ -27,6 +27,7 @@ from medidiff.acceleration.float_formats import (
     fp_grid,
     layer_inputs,
 )
+from medidiff.acceleration.group_quant import GroupQuantization, group_quantize
 from medidiff.acceleration.int8 import ACT_BITS
 from medidiff.acceleration.layers import weight_layers
 from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
@@ -210,3 +211,19 @@ def test_mixed_precision_gives_sensitive_layers_more_bits(model_fn, baseline, tm
     assert errors["mixed"] < errors["w4"] and file_sizes["mixed"] > file_sizes["w4"]
     with pytest.raises(TransformError, match=r"layer_bits\['net.conv_in'\] is 1"):
         PostTrainingQuantization(calibration, layer_bits={"net.conv_in": 1})
+
+
+def test_group_quantization_with_outliers_tracks_the_weights_closer(model_fn, baseline):
+    w = model_fn.net.up_blocks[1].resnets[0].conv1.weight
+    ranges = weight_ranges(w, 4)
+    errors = {"channel": float((weight_from_codes(weight_codes(w, ranges, 4), ranges, 4) - w).norm()),
+              "groups": float((group_quantize(w, 4, 16) - w).norm()),
+              "groups+outliers": float((group_quantize(w, 4, 16, 0.01) - w).norm())}
+    assert errors["groups+outliers"] < errors["groups"] < errors["channel"]
+    kept = group_quantize(w, 4, 16, 0.01) == w
+    assert kept[w.abs() >= w.abs().flatten().kthvalue(round(0.99 * w.numel()) + 1).values].all()
+    with applied(model_fn, GroupQuantization(4, 16, 0.01)):
+        assert 0 < rel_err(run(model_fn), baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
+    assert torch.equal(run(model_fn), baseline)
+    with pytest.raises(TransformError, match="group_size 0"):
+        GroupQuantization(4, 0)

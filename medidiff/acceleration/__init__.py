@@ -16,7 +16,8 @@ under its own name and is removed again without a trace::
 - :class:`Int8Quantization`: real int8 kernels (oneDNN, x86 CPU) and a self-contained int8 file
   (``int8``), with TFMQ-DM's temporal feature cache.
 - :class:`FloatWeightQuantization`: FP8 / FP4 weights with AdaRound learned rounding (simulated);
-  :func:`layer_sensitivity` + :func:`mixed_bits`: MixDQ-style per-layer weight bits.
+  :func:`layer_sensitivity` + :func:`mixed_bits`: MixDQ-style per-layer weight bits;
+  :class:`GroupQuantization`: DGQ-style group-wise weights with outliers kept (simulated).
 - :class:`MagnitudePruning`: unstructured magnitude pruning (``pruning``).
 - :class:`ChannelPruning`: structured pruning of residual blocks' inner channels, really smaller
   convolutions (``channel_pruning``).
@@ -31,6 +32,7 @@ from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
 from medidiff.acceleration.float_formats import FloatWeightQuantization
+from medidiff.acceleration.group_quant import GroupQuantization
 from medidiff.acceleration.int8 import Int8Quantization
 from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
 from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
@@ -40,6 +42,6 @@ from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
 __all__ = ["CalibrationSet", "ChannelPruning", "DeepCache", "FasterDiffusion", "FloatWeightQuantization",
-           "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "Transform", "TransformError", "applied",
+           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "Transform", "TransformError", "applied",
            "feature_changes", "layer_sensitivity", "mixed_bits", "profiled_refresh_steps", "record_model_inputs",
            "transforms_from_spec"]
