@@ -135,11 +135,16 @@ def test_temporal_cache_keeps_one_feature_per_timestep_and_layer(model_fn, int8,
     plain = Int8Quantization.load(int8.save(tmp_path / "q.safetensors"), temporal_cache=False)
     with applied(model_fn, plain):
         expected = run(model_fn)
+    int8.temporal.features.clear()
     with applied(model_fn, int8):
         assert torch.equal(run(model_fn), expected)
         assert len(int8.temporal.features) == STEPS * len(layers)
-        assert torch.equal(run(model_fn), expected)  # the second image reuses every kept feature
-        assert len(int8.temporal.features) == STEPS * len(layers)
+    computed = []
+    with applied(model_fn, int8):  # the next image (and application) reuses every kept feature
+        for layer in layers.values():
+            layer._diffusers_hook.get_hook("int8").compute = lambda m, x: computed.append(m)
+        assert torch.equal(run(model_fn), expected)
+    assert not computed and len(int8.temporal.features) == STEPS * len(layers)
 
 
 def test_int8_composes_with_deepcache_in_either_order(model_fn, int8):

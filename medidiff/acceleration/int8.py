@@ -121,7 +121,9 @@ class Int8Quantization(Transform):
         self.tensors: dict[str, torch.Tensor] = {}
         self.kinds: dict[str, str] = {}  # module name -> "int8" (kernel), "weight" (int8-stored), "float"
         self.source = "its first model"
-        self.temporal: TemporalFeatures | None = None  # the time-path features kept, while applied
+        # the time-path features kept: they depend on the timestep and this transform's weights alone,
+        # so they stay valid from one application (and image) to the next
+        self.temporal = TemporalFeatures()
 
     def attach(self, model_fn: ModelFunction) -> None:
         owners = stored_modules(model_fn)
@@ -139,7 +141,7 @@ class Int8Quantization(Transform):
             else:
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self.name)
         if time_path:
-            self.temporal = cache_time_path(model_fn, self.name, computes)
+            cache_time_path(model_fn, self.name, computes, self.temporal)
 
     def _hook(self, name: str, module: nn.Module) -> LayerOverride:
         t, kind = self.tensors, self.kinds[name]

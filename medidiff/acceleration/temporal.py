@@ -81,13 +81,12 @@ class CachedTimeLayer(LayerOverride):
         return self.state.features[key]
 
 
-def cache_time_path(model_fn: ModelFunction, name: str,
-                    computes: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]) -> TemporalFeatures:
+def cache_time_path(model_fn: ModelFunction, name: str, computes: dict[str, Callable[[nn.Module, torch.Tensor],
+                    torch.Tensor]], state: TemporalFeatures) -> None:
     """Attach the cache under ``name``: ``computes`` holds each time-path layer's computation (from
-    :func:`time_path_layers`), e.g. with quantized weights; returns the shared state."""
-    state = TemporalFeatures()
+    :func:`time_path_layers`), e.g. with quantized weights; ``state`` keeps the features (it may come
+    from an earlier application with the same computations: they stay valid)."""
     model_fn.register_hook(_Timestep(state), name)
     for layer_name, module in model_fn.named_modules():
         if layer_name in computes:
             override_weight(module, CachedTimeLayer(state, layer_name, computes[layer_name]), name)
-    return state
