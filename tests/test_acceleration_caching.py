@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
 from medidiff.acceleration import ChannelPruning, DeepCache, FasterDiffusion, TransformError, applied
 from medidiff.acceleration.unets import find_layout
+from medidiff.datasets.cs_images import ellipse_phantom
+from medidiff.methods.idm import IDM, build_idm
 from medidiff.methods.restoration import Restoration
+from medidiff.physics.measurements import BlockCS
 from medidiff.stages.registry import ParameterError
 from medidiff.stages.restoration import Denoise
 from tests.test_acceleration import STEPS, count_calls, model_fn, one_thread, rel_err, run  # noqa: F401
@@ -175,3 +179,29 @@ def test_denoise_stage_takes_an_accelerate_mapping(restoration, tmp_path):
     assert torch.equal(Denoise(model=str(tmp_path))(item)["image"], plain)  # hooks removed
     with pytest.raises(ParameterError, match="accelerate is .*unknown transform 'cache'"):
         Denoise(accelerate={"cache": {}})
+
+
+def test_caches_on_the_idm_chain_of_cs_reconstruction():
+    """IDM's chain calls the U-Net with per-step injectors: caches apply, Faster Diffusion decodes one by one."""
+    torch.manual_seed(0)
+    idm = IDM(build_idm({"channels": [16, 16], "blocks": 1, "time_channels": 16}, steps=4),
+              {"model": {}})
+    for m in idm.net.modules():  # non-zero injectors, so that the cached features carry a step's measurement
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.1)
+    op = BlockCS(0.25, (32, 32))
+    y = op(ellipse_phantom(32, np.random.default_rng(0))[None, None].float())
+    plain, batches = idm(y, op), []
+    handle = idm.net.model_fn.net.up[0].register_forward_hook(lambda m, args, out: batches.append(len(out)))
+    try:
+        for cache in (DeepCache(interval=1), FasterDiffusion(interval=1)):
+            with applied(idm.model_fn, cache):
+                assert torch.equal(idm(y, op), plain)
+        batches.clear()
+        for cache in (DeepCache(interval=2), FasterDiffusion(interval=4)):
+            with applied(idm.model_fn, cache):
+                out = idm(y, op)
+            assert not torch.equal(out, plain) and out.isfinite().all()
+    finally:
+        handle.remove()
+    assert batches == [1] * 8  # four steps with DeepCache, four without a batch with Faster Diffusion
