@@ -67,6 +67,8 @@ def evaluate(task: str, folder: Path, steps_curve: bool = False) -> list[dict]:
     rows = [score(name, fn, pairs) for name, fn in baselines(task).items()]
     for stem, method in trained(folder).items():
         rows.append(score(stem, lambda lr, m=method: m.restore(lr), pairs))
+        if "boundary" in method.config:  # ResShift's ODE sampler from its optimal boundary condition
+            rows.append(score(f"{stem}+ode", lambda lr, m=method: m.restore(lr, boundary="optimal"), pairs))
         if steps_curve and method.config["method"] in ("resfusion", "rddm"):
             for steps in CURVE_STEPS:
                 rows.append(score(f"{stem}@{steps}", lambda lr, m=method, s=steps: m.restore(lr, steps=s), pairs))
@@ -79,7 +81,8 @@ def markdown(task: str, rows: list[dict], names: list[str]) -> str:
     best = max(r["psnr"] for r in rows)
     lines = [f"## Held-out results: {task} ({len(names)} images never trained on)\n",
              f"Images: {'; '.join(names)}. PSNR (dB, model units, data range 1) / SSIM, mean over the images; "
-             "CPU seconds per image on one thread. `name@k`: sampled with k steps.\n",
+             "CPU seconds per image on one thread. `name@k`: sampled with k steps; `name+ode`: "
+             "the deterministic (ODE) sampler from the model's optimal boundary condition.\n",
              "| method | PSNR | SSIM | s / image |", "|---|---|---|---|"]
     for r in rows:
         p = f"**{r['psnr']:.2f}**" if r["psnr"] == best else f"{r['psnr']:.2f}"
