@@ -108,7 +108,7 @@ def refit(conv: nn.Conv2d, patches: torch.Tensor, keep: torch.Tensor, ridge: flo
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     solution = torch.linalg.solve(gram, design.T @ target.double()).T.float()  # (out, kept*k*k + 1)
     bias = solution[:, -1] + (conv.bias.detach() if conv.bias is not None else 0)
-    return solution[:, :-1].reshape(len(w), len(keep), *w.shape[2:]), bias
+    return solution[:, :-1].reshape(len(w), len(keep), *w.shape[2:]).contiguous(), bias
 
 
 class ChannelPruning(Transform):
