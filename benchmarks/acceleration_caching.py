@@ -44,17 +44,17 @@ def load(model: str, count: int):
 
 def rows_for(model: str, calibration) -> dict[str, list]:
     cp = {s: ChannelPruning(s, calibration) for s in (0.125, 0.25, 0.5)}
-    rows = {"baseline": [], "DeepCache N=2": [DeepCache(interval=2)], "DeepCache N=3": [DeepCache(interval=3)],
+    rows = {"baseline": [], **{f"DeepCache N={n}": [DeepCache(interval=n)] for n in (2, 3, 5)},
             "Faster Diffusion N=2": [FasterDiffusion(interval=2)], "Faster Diffusion N=3": [FasterDiffusion(interval=3)],
             "Faster Diffusion N=3, sequential decoding": [FasterDiffusion(interval=3, parallel=1)],
             "channel pruning 25 %, no refit": [ChannelPruning(0.25)],
             **{f"channel pruning {s:.1%} + refit": [t] for s, t in cp.items()},
             "DeepCache N=3 + channel pruning 25 % + refit": [DeepCache(interval=3), cp[0.25]],
+            "DeepCache N=5 + channel pruning 25 % + refit": [DeepCache(interval=5), cp[0.25]],
             "Faster Diffusion N=3 + channel pruning 25 % + refit": [FasterDiffusion(interval=3), cp[0.25]]}
     if model == "bs_ldm":
         rows |= {"Faster Diffusion, paper's key steps (9 of 50)": [FasterDiffusion(key_steps=PAPER_KEY_STEPS)],
-                 "Faster Diffusion N=3, prior noise 0.003": [FasterDiffusion(interval=3, noise_injection=0.003)],
-                 "DeepCache N=5 + channel pruning 25 % + refit": [DeepCache(interval=5), cp[0.25]]}
+                 "Faster Diffusion N=3, prior noise 0.003": [FasterDiffusion(interval=3, noise_injection=0.003)]}
     else:
         rows |= {"DeepCache N=3, branch 1": [DeepCache(interval=3, branch=1)]}
     return rows
