@@ -62,8 +62,8 @@ class _Decoder(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         forward, schedule = self.fn_ref.original_forward, self.schedule
-        x, t = args[0], args[1]
-        key = tuple(t.reshape(-1).tolist())
+        x, t = args[0], args[1].reshape(-1).expand(len(args[0]))  # one timestep per image
+        key = tuple(t.tolist())
         if schedule.step == 0 and self.seen:  # a new sampling run: the last one's timesteps predict this one's
             self.previous, self.seen = self.seen, []
         self.seen.append(key)
@@ -78,7 +78,6 @@ class _Decoder(ModelHook):
         # the decoder reads nothing else of the call: only (x, t) calls are batched (IDM's injectors are per step)
         if steps == 1 or len(args) > 2 or kwargs or len(schedule.timesteps) < 2:
             return forward(*args, **kwargs)
-        t = t.reshape(-1).expand(len(x))
         if self.previous[:len(self.seen)] == self.seen:
             ahead = [t.new_tensor(k).expand(len(x)) for k in self.previous[len(self.seen) - 1:][:steps]]
         else:
