@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAMPLE := datasets/samples/chest-dx-sample
 DEMO_OUT := medidiff-out/demo
+# test processes side by side (pytest-xdist), one torch thread each
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint drr-data
 
@@ -31,7 +33,7 @@ demo: setup
 test: setup
 	@command -v dciodvfy >/dev/null || { apt-get update -qq && apt-get install -y -qq dicom3tools; } >/dev/null
 	@command -v Orthanc >/dev/null || { apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb; } >/dev/null
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check medidiff tests benchmarks

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per test process (xdist runs one per core)
+
 import shutil
 from pathlib import Path
 
@@ -9,6 +13,12 @@ import pydicom.data
 import pytest
 
 pytest_plugins = ["tests.mlflow_server"]
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
