@@ -1,8 +1,9 @@
 """Feature caching and structured pruning on the shipped models: seconds per image and quality.
 
 ``python benchmarks/acceleration_caching.py bs_ldm [--images 4]`` (BS-LDM, 256x256 phantoms, DDPM 50
-steps) or ``... ct_denoise [--images 3]`` (the CT-denoising ResShift T=15 model on the centre 256x256
-of the held-out slices of other patients, ``restoration_images.held_out_pairs``). Rows are timed as in
+steps; ``--per-call``: the milliseconds of single UNet calls instead) or ``... ct_denoise [--images 3]``
+(the CT-denoising ResShift T=15 model on the centre 256x256 of the held-out slices of other patients,
+``restoration_images.held_out_pairs``). Rows are timed as in
 ``benchmarks/acceleration.py`` (its ``run_all``: rows take turns image by image, the fastest image,
 whole and inside the model function). Structured pruning's refit is calibrated on other images (BS-LDM:
 validation phantoms; CT: training patches), model inputs recorded every 5th step; "inner channels" is
@@ -60,14 +61,42 @@ def rows_for(model: str, calibration) -> dict[str, list]:
     return rows
 
 
+def per_call(model_fn, shape: tuple[int, ...], rows: dict[str, list], calls: int = 6, repeats: int = 15) -> None:
+    """Milliseconds of each of ``calls`` consecutive model calls (timesteps 999, 979, ...) under each row,
+    the fastest of ``repeats`` interleaved repetitions: the cost of a key, a cached and a batched step."""
+    x, condition = torch.randn(shape), torch.randn(shape)
+    best = {name: [float("inf")] * calls for name in rows}
+    for _ in range(repeats):
+        for name, transforms in rows.items():
+            with applied(model_fn, *transforms):
+                for _ in range(2):  # the second run knows the timesteps (parallel decoding)
+                    model_fn.reset_hooks()
+                    for i in range(calls):
+                        start = time.perf_counter()
+                        model_fn(x, torch.tensor([999 - 20 * i]), condition)
+                        best[name][i] = min(best[name][i], 1000 * (time.perf_counter() - start))
+    full = sum(best["baseline"])
+    print(f"| configuration | {' | '.join(f'call {i}' for i in range(calls))} | sum | vs full |")
+    print("|---|" + "---|" * (calls + 2))
+    for name, ms in best.items():
+        print(f"| {name} | {' | '.join(f'{m:.1f}' for m in ms)} | {sum(ms):.1f} | {full / sum(ms):.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("model", choices=["bs_ldm", "ct_denoise"])
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", help="only rows whose name contains one of these, separated by ';' (and the baseline)")
+    p.add_argument("--per-call", action="store_true", help="BS-LDM: the cost of single model calls instead")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.per_call:
+        rows = {"baseline": [], "DeepCache N=3": [DeepCache(interval=3)],
+                "Faster Diffusion N=3, parallel": [FasterDiffusion(interval=3)],
+                "Faster Diffusion N=3, sequential": [FasterDiffusion(interval=3, parallel=1)],
+                **{f"channel pruning {s:.0%}": [ChannelPruning(s)] for s in (0.25, 0.5)}}
+        return per_call(BSLDM.from_pretrained().model_fn, (1, 4, 64, 64), rows)
     method, inputs, truth, cal_inputs = load(a.model, a.images)
     start = time.perf_counter()
     calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_inputs.split(1)], every=5)
