@@ -10,6 +10,7 @@ import torch
 from monai.data import MetaTensor
 
 from medidiff.acceleration import ChannelPruning, DeepCache, FasterDiffusion, TransformError, applied
+from medidiff.acceleration.profiling import feature_changes
 from medidiff.acceleration.unets import find_layout
 from medidiff.datasets.cs_images import ellipse_phantom
 from medidiff.methods.idm import IDM, build_idm
@@ -163,6 +164,8 @@ def test_deepcache_and_faster_diffusion_on_the_restoration_unet(restoration):
     assert counts == {"middle": 4, "down1": 4, "down0": 4, "up0": 8} and not torch.equal(fast, plain)
     layout = find_layout(restoration.model_fn)
     assert layout.branches == 2 and layout.reused(1) is net.upsample[1]
+    changes = feature_changes(restoration.model_fn, lambda: restoration.restore(lr))  # the profiled schedule's input
+    assert len(changes) == CT["steps"] - 1 and all(c > 0 for c in changes)
     with pytest.raises(TransformError, match="branches 0..1"):
         DeepCache(interval=2, branch=2).apply(restoration.model_fn)
 
