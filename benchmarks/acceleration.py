@@ -10,8 +10,8 @@ sampling step), and the profiled DeepCache schedule is measured on the same pair
 FP8/FP4 and MixDQ rows are fake quantization (float kernels): they show quality and storage (the weights
 column: Conv/Linear weights as float16, as shipped, or the quantization file of codes and ranges), not
 speed; the int8 rows run real int8 kernels (their weights column is the whole self-contained file). A
-second table times single model calls, rows taking turns call by call (fastest of 30): steadier than
-whole images on a CPU shared with other jobs. ``--rows`` picks rows by name.
+second table times single model calls in thread CPU time, rows taking turns call by call (fastest of
+30): steadier than wall times of whole images on a CPU shared with other jobs. ``--rows`` picks rows by name.
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def quantization_rows(method: BSLDM, calibration, adaround_iters: int, wanted: s
 
 
 def unet_call_ms(method: BSLDM, calibration, rows: dict[str, list], rounds: int = 30) -> dict[str, float]:
-    """Milliseconds per model call at one recorded input, per row: rows take turns call by call and
-    the fastest of ``rounds`` counts (the least disturbed by other jobs on a shared CPU)."""
+    """CPU milliseconds (this thread's) per model call at one recorded input, per row: rows take turns
+    call by call and the fastest of ``rounds`` counts. Thread CPU time leaves out the waits while
+    other jobs hold the shared cores, which make wall times of the same work scatter by tens of %."""
     x, t, condition = calibration.inputs[len(calibration.inputs) // 2]
     best = dict.fromkeys(rows, float("inf"))
     with torch.no_grad():
@@ -105,9 +106,9 @@ def unet_call_ms(method: BSLDM, calibration, rows: dict[str, list], rounds: int 
             for name, transforms in rows.items():
                 with applied(method.model_fn, *transforms):
                     method.model_fn(x, t, condition)  # the temporal cache is filled, as after the first image
-                    start = time.perf_counter()
+                    start = time.thread_time()
                     method.model_fn(x, t, condition)
-                    best[name] = min(best[name], time.perf_counter() - start)
+                    best[name] = min(best[name], time.thread_time() - start)
     return {name: 1000 * s for name, s in best.items()}
 
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{ssim(out, base).mean():.4f} | {psnr(out, soft).mean():.2f} | {ssim(out, soft).mean():.4f} |")
     per_call = {name: t for name, t in rows.items() if not any(isinstance(x, DeepCache) for x in t)}
     ms = unet_call_ms(method, calibration, per_call)
-    print("\n| configuration | ms / UNet call (fastest of 30, interleaved) | UNet call speed-up |\n|---|---|---|")
+    print("\n| configuration | CPU ms / UNet call (fastest of 30, interleaved) | UNet call speed-up |\n|---|---|---|")
     for name, value in ms.items():
         print(f"| {name} | {value:.1f} | {ms['baseline'] / value:.2f}x |")
 
