@@ -227,8 +227,11 @@ def test_group_quantization_with_outliers_tracks_the_weights_closer(model_fn, ba
     assert errors["groups+outliers"] < errors["groups"] < errors["channel"]
     kept = group_quantize(w, 4, 16, 0.01) == w
     assert kept[w.abs() >= w.abs().flatten().kthvalue(round(0.99 * w.numel()) + 1).values].all()
-    with applied(model_fn, GroupQuantization(4, 16, 0.01)):
+    grouped = GroupQuantization(4, 16, 0.01)
+    with applied(model_fn, grouped):
         assert 0 < rel_err(run(model_fn), baseline) < 0.25 * rel_err(run(model_fn, seed=5), baseline)
     assert torch.equal(run(model_fn), baseline)
+    with pytest.raises(TransformError, match="group-quantization was made for other weights"):
+        grouped.apply(tiny_model(1))
     with pytest.raises(TransformError, match="group_size 0"):
         GroupQuantization(4, 0)

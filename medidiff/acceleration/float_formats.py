@@ -15,8 +15,8 @@ from torch import nn
 from medidiff.acceleration.adaround import learn_rounding, round_nearest
 from medidiff.acceleration.calibration import CalibrationSet
 from medidiff.acceleration.fake_quant import P_NORM, SHRINK
-from medidiff.acceleration.layers import WeightOverride, override_weight, weight_layers
-from medidiff.acceleration.quantization import checksum
+from medidiff.acceleration.layers import weight_layers
+from medidiff.acceleration.quantization import attach_weights, checksum
 from medidiff.acceleration.transform import Transform, TransformError
 from medidiff.methods.base import ModelFunction
 
@@ -80,14 +80,9 @@ class FloatWeightQuantization(Transform):
         self.weights: dict[str, tuple[torch.Tensor, float]] = {}  # layer -> (rounded weight, float checksum)
 
     def attach(self, model_fn: ModelFunction) -> None:
-        found = weight_layers(model_fn)
         if not self.weights:
-            self.weights = self._round(model_fn, found)
-        if set(found) != set(self.weights) or any(
-                abs(checksum(found[n].weight) - c) > 1e-6 * max(1.0, c) for n, (_, c) in self.weights.items()):
-            raise TransformError("fp-weights were rounded for other weights than this model's; round this model anew")
-        for name, (weight, _) in self.weights.items():
-            override_weight(found[name], WeightOverride(weight), self.name)
+            self.weights = self._round(model_fn, weight_layers(model_fn))
+        attach_weights(model_fn, self.weights, self.name)
 
     @torch.no_grad()
     def _round(self, model_fn: ModelFunction, found: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, float]]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from medidiff.acceleration.fake_quant import fake_quantize, search_range
-from medidiff.acceleration.layers import WeightOverride, override_weight, weight_layers
+from medidiff.acceleration.layers import weight_layers
 from medidiff.acceleration.pruning import magnitude_mask
+from medidiff.acceleration.quantization import attach_weights, checksum
 from medidiff.acceleration.transform import Transform, TransformError
 from medidiff.methods.base import ModelFunction
 
@@ -41,10 +42,11 @@ class GroupQuantization(Transform):
             raise TransformError(f"group quantization bits {bits}, group_size {group_size}, outliers {outliers}; "
                                  "expected bits 2..8, group_size >= 1 and 0 <= outliers < 0.5")
         self.bits, self.group_size, self.outliers = bits, group_size, outliers
+        self.weights: dict[str, tuple[torch.Tensor, float]] = {}  # layer -> (quantized weight, float checksum)
 
     @torch.no_grad()
     def attach(self, model_fn: ModelFunction) -> None:
-        for layer in weight_layers(model_fn).values():
-            w = layer.weight.detach()
-            override_weight(layer, WeightOverride(group_quantize(w, self.bits, self.group_size, self.outliers)),
-                            self.name)
+        if not self.weights:  # quantized once, reused by later applications
+            self.weights = {name: (group_quantize(layer.weight.detach(), self.bits, self.group_size, self.outliers),
+                                   checksum(layer.weight)) for name, layer in weight_layers(model_fn).items()}
+        attach_weights(model_fn, self.weights, self.name)

@@ -83,6 +83,17 @@ def checksum(w: torch.Tensor) -> float:
     return float(w.detach().double().abs().sum())
 
 
+def attach_weights(model_fn: ModelFunction, weights: dict[str, tuple[torch.Tensor, float]], name: str) -> None:
+    """Run every weight layer with its weight from ``weights`` (layer -> (weight, :func:`checksum` of the
+    float weight it was made from)) under ``name``; refuses a model whose weights differ."""
+    found = weight_layers(model_fn)
+    if set(found) != set(weights) or any(
+            abs(checksum(found[n].weight) - c) > 1e-6 * max(1.0, c) for n, (_, c) in weights.items()):
+        raise TransformError(f"{name} was made for other weights than this model's; apply a new {name} to it")
+    for layer_name, (weight, _) in weights.items():
+        override_weight(found[layer_name], WeightOverride(weight), name)
+
+
 @dataclass
 class QuantizedLayer:
     """One layer's quantization: weight codes and per-channel ranges, activation ranges, split."""
