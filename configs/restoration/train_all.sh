@@ -8,19 +8,28 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 C=configs/restoration
 train() { OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.train "$@"; }
-ship() { train "$C/$1_$2.yaml" --export "models/restoration/$1"; }
+ship() { train "$C/$1_$2.yaml" --export "models/restoration/$1" "${@:3}"; }
+# keep TASK METHOD LABEL: a copy of a run's current export, the init: of a config started from it
+keep() { mkdir -p ~/.cache/medidiff/runs/$1_$2_$3 && cp ~/.cache/medidiff/runs/restoration_$1_$2/$2.* ~/.cache/medidiff/runs/$1_$2_$3/; }
 
 # The shipped runs, in this order (2026-11-26, one 2-core machine shared with other jobs):
-# 4x MR super-resolution: ResShift (T = 4) and the same-budget UNet regression, side by side
-ship mr_sr4 resshift & ship mr_sr4 regression & wait
+# 4x MR super-resolution: the UNet regression 45 minutes; then ResShift (T = 4) from its weights for
+# 45 minutes beside the regression resumed to 90 (the same total budget)
+ship mr_sr4 regression
+keep mr_sr4 regression 45min
+ship mr_sr4 resshift & ship mr_sr4 regression --max-minutes 90 & wait
 # low-dose CT denoising: ResShift (T = 4), the regression (UPSR's uncertainty estimator too),
 # Resfusion and RDDM, four side by side
 ship ct_denoise resshift & ship ct_denoise regression & ship ct_denoise resfusion & ship ct_denoise rddm & wait
-# 4x radiograph super-resolution
-ship xray_sr4 resshift & ship xray_sr4 regression & wait
+# 4x radiograph super-resolution: the same recipe, 15 minutes then 30 (first run beside the CT runs)
+ship xray_sr4 regression
+keep xray_sr4 regression 15min
+ship xray_sr4 resshift & ship xray_sr4 regression --max-minutes 45 & wait
 # the one-step student of the CT ResShift teacher; ResShift T = 15 for the 4-vs-15-step comparison
 ship ct_denoise one_step & ship ct_denoise resshift15 & wait
-# plug-and-play: the optimal boundary condition of the MR ResShift model (written into resshift.json)
-OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary mr_sr4 --candidates 16 --pairs 8
+# plug-and-play: the optimal boundary conditions of the SR ResShift models (written into resshift.json)
+for task in mr_sr4 xray_sr4; do
+  OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary $task --candidates 16 --pairs 8
+done
 # configured, not yet trained (no CPU time left in the session that built them):
 # ship ct_denoise upsr & ship ct_denoise samdiffsr & wait
