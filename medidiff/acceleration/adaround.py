@@ -27,9 +27,8 @@ def neighbours(w: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def round_nearest(w: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``w`` rounded to the nearest value of the sorted ``grid`` (clipped to its ends)."""
-    lo, hi = neighbours(w, grid)
-    return torch.where(w.clamp(grid[0], grid[-1]) - lo < hi - w.clamp(grid[0], grid[-1]), lo, hi)
+    """``w`` rounded to the nearest value of the sorted ``grid`` (clipped to its ends; ties down)."""
+    return grid[torch.searchsorted((grid[1:] + grid[:-1]) / 2, w.contiguous())]
 
 
 def _rectified(v: torch.Tensor) -> torch.Tensor:
