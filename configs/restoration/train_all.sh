@@ -26,6 +26,7 @@ ship xray_sr4 regression
 keep xray_sr4 regression 15min
 ship xray_sr4 resshift & ship xray_sr4 regression --max-minutes 45 & wait
 # the one-step student of the CT ResShift teacher; ResShift T = 15 for the 4-vs-15-step comparison
+# (15 minutes, later resumed to 30: ship ct_denoise resshift15 --max-minutes 30)
 ship ct_denoise one_step & ship ct_denoise resshift15 & wait
 # plug-and-play: the optimal boundary conditions of the SR ResShift models (written into resshift.json)
 for task in mr_sr4 xray_sr4; do
