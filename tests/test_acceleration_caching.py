@@ -18,7 +18,7 @@ from medidiff.methods.restoration import Restoration
 from medidiff.physics.measurements import BlockCS
 from medidiff.stages.registry import ParameterError
 from medidiff.stages.restoration import Denoise
-from tests.test_acceleration import STEPS, count_calls, model_fn, one_thread, rel_err, run  # noqa: F401
+from tests.test_acceleration import STEPS, count_calls, model_fn, rel_err, run  # noqa: F401
 
 CT = {"task": "ct_denoise", "method": "resshift", "scale": 1, "modalities": ["CT"],
       "intensity": {"kind": "hu", "low": -1024.0, "high": 2048.0}, "steps": 12,

@@ -20,7 +20,7 @@ from medidiff.acceleration.channel_pruning import group_scores, prunable_blocks,
 from medidiff.methods.bone_suppression import ConcatConditionUNet
 from medidiff.methods.restoration import RestorationFunction
 from medidiff.nets.reversible_unet import ReversibleUNet
-from tests.test_acceleration import model_fn, one_thread, rel_err  # noqa: F401
+from tests.test_acceleration import model_fn, rel_err  # noqa: F401
 
 
 def call_inputs(seed: int, t: int = 500):

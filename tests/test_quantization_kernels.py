@@ -44,14 +44,6 @@ def tiny_model(seed: int) -> ConcatConditionUNet:
     return ConcatConditionUNet(build_noise_unet(CONFIG)).eval().requires_grad_(False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_fn():
     return tiny_model(0)

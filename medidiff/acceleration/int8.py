@@ -19,14 +19,11 @@ float32 steps, float32 biases and norm parameters, and the input ranges; applied
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks.hooks import HookRegistry
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from medidiff.acceleration.calibration import CalibrationSet
@@ -34,8 +31,12 @@ from medidiff.acceleration.fake_quant import scale_zero, signed_weight
 from medidiff.acceleration.layers import LayerOverride, override_weight, weight_layers
 from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.temporal import TemporalFeatures, cache_time_path, time_path_layers
-from medidiff.acceleration.transform import Transform, TransformError
-from medidiff.io.atomic import atomic_write
+from medidiff.acceleration.transform import (
+    Transform,
+    TransformError,
+    read_transform_file,
+    write_transform_file,
+)
 from medidiff.methods.base import ModelFunction
 
 METADATA_KEY = "medidiff_int8"
@@ -196,23 +197,12 @@ class Int8Quantization(Transform):
         """Write the int8 model (after an application) as safetensors; returns the path."""
         if not self.tensors:
             raise TransformError("int8: nothing to save yet; apply it to the model first")
-        path = Path(path)
-        with atomic_write(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp,
-                      metadata={METADATA_KEY: json.dumps({"act_bits": ACT_BITS, "kinds": self.kinds})})
-        return path
+        return write_transform_file(path, self.tensors, METADATA_KEY, {"act_bits": ACT_BITS, "kinds": self.kinds})
 
     @classmethod
     def load(cls, path: str | Path, temporal_cache: bool = True) -> Int8Quantization:
         """An int8 model written by :meth:`save`, ready to apply without calibration."""
-        path = Path(path)
-        try:
-            with safe_open(path, "pt") as f:
-                meta = json.loads((f.metadata() or {})[METADATA_KEY])
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, KeyError, ValueError, SafetensorError) as e:
-            raise TransformError(f"{path}: not a medidiff int8 file ({e}); write one with Int8Quantization.save") \
-                from None
+        meta, tensors = read_transform_file(path, METADATA_KEY, "medidiff int8 file", "Int8Quantization.save")
         if meta.get("act_bits") != ACT_BITS:
             raise TransformError(f"{path}: int8 file with {meta.get('act_bits')}-bit inputs; expected {ACT_BITS}")
         transform = cls(None, temporal_cache)

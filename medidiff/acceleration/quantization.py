@@ -16,7 +16,6 @@ AdaRound/BRECQ reconstruction is not done).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from medidiff.acceleration.calibration import CalibrationSet
@@ -38,8 +35,12 @@ from medidiff.acceleration.fake_quant import (
     weight_ranges,
 )
 from medidiff.acceleration.layers import WeightOverride, override_weight, weight_layers
-from medidiff.acceleration.transform import Transform, TransformError
-from medidiff.io.atomic import atomic_write
+from medidiff.acceleration.transform import (
+    Transform,
+    TransformError,
+    read_transform_file,
+    write_transform_file,
+)
 from medidiff.methods.base import ModelFunction
 
 METADATA_KEY = "medidiff_quantization"
@@ -210,22 +211,13 @@ class PostTrainingQuantization(Transform):
                 tensors[f"{name}.act_ranges"] = q.act_ranges.contiguous()
             layers[name] = {"shape": list(q.codes.shape), "bits": q.bits, "split": q.split, "checksum": q.checksum}
         meta = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "layers": layers}
-        path = Path(path)
-        with atomic_write(path) as tmp:
-            save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        return path
+        return write_transform_file(path, tensors, METADATA_KEY, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> PostTrainingQuantization:
         """A quantization written by :meth:`save`, ready to apply without calibration."""
-        path = Path(path)
-        try:
-            with safe_open(path, "pt") as f:
-                meta = json.loads((f.metadata() or {})[METADATA_KEY])
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, KeyError, ValueError, SafetensorError) as e:
-            raise TransformError(f"{path}: not a medidiff quantization file ({e}); write one with "
-                                 "PostTrainingQuantization.save") from None
+        meta, tensors = read_transform_file(path, METADATA_KEY, "medidiff quantization file",
+                                            "PostTrainingQuantization.save")
         transform = cls(None, meta["weight_bits"], meta["act_bits"])
         transform.source = str(path)
         for name, info in meta["layers"].items():

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from medidiff.errors import MedidiffError
+from medidiff.io.atomic import atomic_write
 from medidiff.methods.base import ModelFunction
 
 
@@ -44,6 +50,25 @@ class Transform(ABC):
     def remove(self, model_fn: ModelFunction) -> None:
         """Detach every hook of this transform; the model computes exactly as before."""
         model_fn.remove_hook(self.name)
+
+
+def write_transform_file(path: str | Path, tensors: dict[str, torch.Tensor], key: str, meta: dict) -> Path:
+    """Write a transform's tensors (safetensors, atomically) with its JSON ``meta`` under metadata ``key``."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={key: json.dumps(meta)})
+    return path
+
+
+def read_transform_file(path: str | Path, key: str, what: str, writer: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, tensors)`` of a file written by :func:`write_transform_file` under ``key``; for anything
+    else a :class:`TransformError` saying it is not ``what`` and naming ``writer``, the method that writes one."""
+    try:
+        with safe_open(Path(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})[key])
+            return meta, {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise TransformError(f"{path}: not a {what} ({e}); write one with {writer}") from None
 
 
 @contextmanager
