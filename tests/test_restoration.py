@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import yaml
 
 from medidiff.errors import StageError
+from medidiff.methods.base import write_component
 from medidiff.methods.optimal_boundary import boundary_noise, search
-from medidiff.methods.restoration import METHODS, Restoration, load_restoration, normalise
+from medidiff.methods.restoration import METHODS, Restoration, load_restoration, model_names, normalise
 
 PROCESS = {"resshift": {"name": "resshift", "num_train_timesteps": 4}, "upsr": {"name": "upsr", "num_train_timesteps": 4},
            "resfusion": {"name": "resfusion"}, "rddm": {"name": "rddm"}, "one_step": {"name": "resshift", "num_train_timesteps": 4}}
@@ -56,7 +57,21 @@ def test_missing_weights_and_methods_are_user_errors(tmp_path):
     with pytest.raises(StageError, match="medidiff train configs/restoration/ct_denoise_rddm.yaml"):
         load_restoration("ct_denoise", "rddm", str(tmp_path))
     with pytest.raises(StageError, match="expected one of"):
+        load_restoration("ct_denoise", "../esrgan", str(tmp_path))
+    with pytest.raises(StageError, match=r"no esrgan model .*it holds none"):
         load_restoration("ct_denoise", "esrgan", str(tmp_path))
+
+
+def test_a_trained_variant_loads_by_its_name(tmp_path):
+    m = tiny("resshift")
+    write_component(tmp_path, "resshift15", m.model_fn.net, m.config)  # as an export named resshift15
+    (tmp_path / "eval_held_out.json").write_text("{}")  # a report beside the models, not a model
+    assert model_names(tmp_path) == ["resshift15"]
+    x = image(24)
+    assert torch.allclose(load_restoration("ct_denoise", "resshift15", str(tmp_path)).restore(x, seed=1),
+                          m.restore(x, seed=1), atol=2e-2)
+    with pytest.raises(StageError, match=r"it holds resshift15"):
+        load_restoration("ct_denoise", "resshift", str(tmp_path))
 
 
 def test_hu_units_round_trip_exactly():

@@ -256,6 +256,7 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
         with pytest.raises(ParameterError) as refused:
             get_stage(stage).factory(**params)
         assert refused.value.key == key
+    assert get_stage("denoise").factory(method="resshift15").method == "resshift15"  # a shipped variant
     with pytest.raises(PipelineError, match="line 3: stage 'denoise': method is 'magic'"):
         Pipeline.from_text("name: x\nstages:\n  - denoise: {method: magic}\n")
 

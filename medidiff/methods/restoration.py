@@ -18,6 +18,7 @@ so overlapping tiles agree and the blend has no seam.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from medidiff.diffusion.resshift import UPSR, ResShift
 from medidiff.diffusion.sampling import sample
 from medidiff.errors import StageError
 from medidiff.methods.base import Method, ModelFunction, read_component
+from medidiff.nets.dit import DiT
 from medidiff.nets.reversible_unet import ReversibleUNet
 
 PROCESSES: dict[str, type[Process]] = {"resshift": ResShift, "upsr": UPSR, "resfusion": Resfusion, "rddm": RDDM}
@@ -94,12 +96,14 @@ def build_net(config: dict) -> ReversibleUNet:
     """The U-Net of a restoration config: ``[x_t, y]`` in for processes and the one-step student
     (which keeps its teacher's architecture), ``y`` alone for the regression; the last layer starts at
     zero when the network outputs a scaled residual."""
-    method = config["method"]
+    method, model = config["method"], config["model"]
+    backbone = DiT if "dit" in model else ReversibleUNet  # model.dit: the small DiT of medidiff.nets.dit
+    options = model["dit"] if "dit" in model else model["unet"]
     if method == "regression":
-        net = ReversibleUNet(**config["model"]["unet"])
+        net = backbone(**options)
     else:
         out = PROCESSES[method].output_channels if method in PROCESSES else 1
-        net = ReversibleUNet(**config["model"]["unet"], in_channels=2, out_channels=out)
+        net = backbone(**options, in_channels=2, out_channels=out)
     if residual_scale(config) is not None:
         nn.init.zeros_(net.conv_out.weight)
         nn.init.zeros_(net.conv_out.bias)
@@ -198,6 +202,7 @@ class Restoration(Method):
         elif boundary != "random":
             raise StageError(f"boundary is {boundary!r}; expected random or optimal")
         joined = torch.cat([y, noises], dim=1)
+        tile = min(tile, getattr(self.model_fn.net, "tile", tile)) if tile is not None else None  # DiT: its own
 
         def predictor(part: torch.Tensor) -> torch.Tensor:
             return self.sample(part[:, :1], part[:, 1:], steps, ode)
@@ -212,15 +217,26 @@ class Restoration(Method):
         return self.restore(x, **options)
 
 
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # a method name, or a trained variant's (resshift15, samdiffsr)
+
+
+def model_names(folder: Path) -> list[str]:
+    """The trained restoration models in ``folder``: the stems with both ``.json`` and ``.safetensors``."""
+    return sorted(p.stem for p in Path(folder).glob("*.json") if p.with_suffix(".safetensors").is_file())
+
+
 def load_restoration(task: str, method: str = "resshift", model: str = "default") -> Restoration:
     """The trained ``method`` of ``task`` from ``model``: ``default`` (the package's
-    ``models/restoration/<task>/``), a folder, or ``models:/<name>/<version>``."""
+    ``models/restoration/<task>/``), a folder, or ``models:/<name>/<version>``. ``method`` is a method
+    name (:data:`METHODS`) or the name of a trained variant in that folder (``resshift15``: ResShift with
+    T = 15; ``samdiffsr``: ResShift trained with structure-modulated noise)."""
     from medidiff.model_registry import resolve_model_dir
 
-    if method not in METHODS:
-        raise StageError(f"method is {method!r}; expected one of {', '.join(METHODS)}")
+    if not MODEL_NAME.fullmatch(method):
+        raise StageError(f"method is {method!r}; expected one of {', '.join(METHODS)} or a trained variant's name")
     folder = resolve_model_dir(model, default_name=f"restoration/{task}")
     if not (folder / f"{method}.json").exists():
-        raise StageError(f"no {method} model for {task} in {folder} (expected {method}.json + {method}.safetensors); "
-                         f"train it with `medidiff train configs/restoration/{task}_{method}.yaml` or pick another method")
+        raise StageError(f"no {method} model for {task} in {folder} (it holds {', '.join(model_names(folder)) or 'none'}; "
+                         f"each is <name>.json + <name>.safetensors); train it with `medidiff train "
+                         f"configs/restoration/{task}_{method}.yaml` or pick another method")
     return Restoration.from_pretrained(folder, method)

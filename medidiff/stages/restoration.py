@@ -56,10 +56,14 @@ class _Restoration:
     size_hint = ""  # what to do with a slice of absurd size
 
     def __init__(self, method: str, steps: int | None, model: str, seed: int, tile: int, accelerate: dict | None):
-        from medidiff.methods.restoration import METHODS
+        from medidiff.methods.restoration import METHODS, MODEL_NAME
 
-        if method not in METHODS:
-            raise ParameterError("method", method, f"one of {', '.join(METHODS)}")
+        if not (isinstance(method, str) and MODEL_NAME.fullmatch(method)):
+            raise ParameterError("method", method, f"one of {', '.join(METHODS)}, or a trained variant's name "
+                                                   "(e.g. resshift15)")
+        if method not in METHODS and model in ("", "default") and method not in self.shipped_models():
+            raise ParameterError("method", method, f"one of {', '.join(METHODS)} or a shipped variant "
+                                                   f"({', '.join(sorted(self.shipped_models() - set(METHODS)))})")
         if steps is not None and not 1 <= steps <= 1000:
             raise ParameterError("steps", steps, "1..1000, or null for the model's trained number of steps")
         if method in SINGLE_PASS and steps not in (None, 1):
@@ -82,6 +86,14 @@ class _Restoration:
                 raise ParameterError("accelerate", accelerate, f"deepcache/faster_diffusion/channel_pruning options "
                                                                f"({e})") from None
         self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
+
+    def shipped_models(self) -> set[str]:
+        """The names of the models shipped for this stage's tasks."""
+        from medidiff.methods.restoration import model_names
+        from medidiff.resources import model_dir
+
+        return {name for task in set(self.model_tasks.values())
+                for name in model_names(model_dir(f"restoration/{task}"))}
 
     def task_of(self, modality: str) -> str:
         """The model task for ``modality``; StageError naming the pipeline to use for any other."""
@@ -172,7 +184,8 @@ class _Restoration:
 class Denoise(_Restoration):
     """Denoise each slice of a CT series; the grid, the series geometry and Hounsfield units are kept.
 
-    ``method``: resshift (default), resfusion, rddm, upsr, one_step, regression; ``steps``: sampling steps
+    ``method``: resshift (default), resfusion, rddm, upsr, one_step, regression, or a shipped variant
+    (``resshift15``: ResShift trained with T = 15); ``steps``: sampling steps
     (null: as trained); ``model``: ``default`` (shipped) or a folder with ``<method>.json`` +
     ``.safetensors``; ``seed``: slice ``k`` samples with ``seed + k``; ``tile``: side of the overlapping tiles of
     larger (output) slices; 512 keeps a 512 x 512 slice whole (tiles of 256 made it ~1.8x slower: 9 overlapping
@@ -210,9 +223,9 @@ class SuperResolution(_Restoration):
                  seed: int = 0, tile: int = 512, accelerate: dict | None = None):
         if scale not in (2, 4):
             raise ParameterError("scale", scale, "2 or 4")
-        super().__init__(method, steps, model, seed, tile, accelerate)
         self.scale = scale
         self.model_tasks = {"MR": f"mr_sr{scale}", "CR": f"xray_sr{scale}", "DX": f"xray_sr{scale}"}
+        super().__init__(method, steps, model, seed, tile, accelerate)
 
     @property
     def size_hint(self) -> str:
