@@ -148,27 +148,30 @@ def constant_pair(n=N):
 
 
 @pytest.mark.parametrize("t", [0, 120, "last"])
-def test_resfusion_forward_marginal(t):
-    """x_t = sqrt(abar) x0 + (1 - sqrt(abar)) (y - x0) + sqrt(1 - abar) eps, truncated where sqrt(abar) ~ 0.5."""
-    process = Resfusion()
+@pytest.mark.parametrize("noise_scale", [1.0, 0.05])
+def test_resfusion_forward_marginal(t, noise_scale):
+    """x_t = sqrt(abar) x0 + (1 - sqrt(abar)) (y - x0) + ns sqrt(1 - abar) eps, truncated where sqrt(abar) ~ 0.5."""
+    process = Resfusion(noise_scale=noise_scale)
     t = process.truncation if t == "last" else t
     assert abs(process.alphas_cumprod[-1].sqrt().item() - 0.5) < 0.01
     x0, y = constant_pair()
     xt = process.add_noise(x0, torch.randn(N, 1, generator=torch.Generator().manual_seed(1)), torch.full((N,), t), y)
     s = process.alphas_cumprod[t].sqrt().item()
     assert xt.mean().item() == pytest.approx(s * 0.3 + (1 - s) * -0.8, abs=0.01)
-    assert xt.var().item() == pytest.approx(1 - s**2, rel=0.03, abs=1e-6)
+    assert xt.var().item() == pytest.approx(noise_scale**2 * (1 - s**2), rel=0.03, abs=1e-6)
 
 
-def test_resfusion_recovers_x0_from_its_resnoise_in_five_respaced_steps():
+@pytest.mark.parametrize("noise_scale", [1.0, 0.05])
+def test_resfusion_recovers_x0_from_its_resnoise_in_five_respaced_steps(noise_scale):
     """The resnoise and y determine x0 (and the noise): a perfect model samples x0 back exactly, and
-    on consecutive timesteps the step is DDPM's (x_t - beta/sqrt(1-abar) resnoise)/sqrt(alpha) + noise."""
-    process = Resfusion()
+    on consecutive timesteps the step is DDPM's (x_t - beta/sqrt(1-abar) resnoise)/sqrt(alpha) + noise
+    (in units of the noise scale)."""
+    process = Resfusion(noise_scale=noise_scale)
     x0, y = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
 
     def implied(x, x0, t, y):
         s = process.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).float()
-        return (x - s * x0 - (1 - s) * (y - x0)) / (1 - s**2).sqrt()
+        return (x - s * x0 - (1 - s) * (y - x0)) / (noise_scale * (1 - s**2).sqrt())
     def perfect(x, t, condition):  # the training target implied by the true x0
         return process.training_target(x0, implied(x, x0, t[:1], y), t[:1], y)
     process.set_timesteps(5)
@@ -183,7 +186,7 @@ def test_resfusion_recovers_x0_from_its_resnoise_in_five_respaced_steps():
     z = torch.randn_like(x0)
     a, beta = process.alphas_cumprod[60].item(), process.betas[60].item()
     var = beta * (1 - process.alphas_cumprod[59].item()) / (1 - a)
-    expected = (xt - beta / (1 - a) ** 0.5 * resnoise) / (1 - beta) ** 0.5 + var**0.5 * z
+    expected = (xt - noise_scale * beta / (1 - a) ** 0.5 * resnoise) / (1 - beta) ** 0.5 + noise_scale * var**0.5 * z
     assert torch.allclose(process.step(resnoise, 60, xt, NoiseBank([z])), expected, atol=1e-5)
 
 
@@ -199,15 +202,18 @@ def test_rddm_forward_marginal_and_targets(t):
     assert xt.var().item() == pytest.approx(b**2, rel=0.02)
     target = process.training_target(x0, noise, torch.full((N,), t), y)
     assert target.shape == (N, 2, ) and torch.allclose(target[:, :1], y - x0) and torch.equal(target[:, 1:], noise)
+    scaled = RDDM(noise_scale=0.5, residual_scale=0.05).training_target(x0, noise, torch.full((N,), t), y)
+    assert torch.allclose(scaled[:, :1], (y - x0) / 0.05)  # the residual channel in units of 0.05
 
 
-def test_rddm_perfect_model_returns_x0_in_few_deterministic_steps():
-    process = RDDM(noise_scale=1.0)
+@pytest.mark.parametrize("residual_scale", [1.0, 0.05])
+def test_rddm_perfect_model_returns_x0_in_few_deterministic_steps(residual_scale):
+    process = RDDM(noise_scale=1.0, residual_scale=residual_scale)
     process.set_timesteps(5)
     x0, y = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
     start = torch.randn_like(x0)
     eps = (process.initial_sample(start, y) - y) / process.noise_weights[-1].item()
-    out = sample(lambda x, t, c: torch.cat([y - x0, eps], dim=1), process, start, y=y)
+    out = sample(lambda x, t, c: torch.cat([(y - x0) / residual_scale, eps], dim=1), process, start, y=y)
     assert torch.allclose(out, x0, atol=1e-5)
 
 

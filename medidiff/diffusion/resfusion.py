@@ -12,6 +12,11 @@ step recovers ``x0`` (and with it ``R``) from the resnoise and ``y`` and takes t
 ``u``; on consecutive timesteps this is the DDPM-form update above, and it also allows few-step
 respaced sampling (the paper samples in 5 steps). The process keeps ``y`` from
 :meth:`Resfusion.initial_sample` for its steps.
+
+``noise_scale`` (1 in the paper, whose degradations are a large part of the image range) runs the
+same process in units of ``noise_scale``: ``x_t = sqrt(abar_t) x0 + (1 - sqrt(abar_t)) R +
+noise_scale sqrt(1 - abar_t) eps`` and resnoise ``eps + c_t R / noise_scale``. For a degradation of
+a few per cent (low-dose CT noise) unit noise would bury the residual the network has to find.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ class Resfusion(Process):
     prediction = "resnoise"
 
     def __init__(self, schedule_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 x0_hooks: Sequence[X0Hook] = ()):
+                 noise_scale: float = 1.0, x0_hooks: Sequence[X0Hook] = ()):
         super().__init__(x0_hooks)
+        self.noise_scale = noise_scale
         betas = torch.linspace(beta_start, beta_end, schedule_timesteps, dtype=torch.float64)
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.truncation = int((alphas_cumprod.sqrt() - 0.5).abs().argmin())  # T'
@@ -50,23 +56,23 @@ class Resfusion(Process):
         if y is None:
             raise ValueError("Resfusion needs the degraded image y")
         s = _view(self.alphas_cumprod, t, x0).sqrt()
-        return s * x0 + (1 - s) * (y - x0) + (1 - s**2).sqrt() * noise
+        return s * x0 + (1 - s) * (y - x0) + self.noise_scale * (1 - s**2).sqrt() * noise
 
     def training_target(self, x0, noise, t, y=None):
-        return noise + _view(self.resnoise_weight(), t, x0) * (y - x0)
+        return noise + _view(self.resnoise_weight(), t, x0) * (y - x0) / self.noise_scale
 
     def initial_sample(self, noise, y=None):
         if y is None:
             raise ValueError("Resfusion starts from the degraded image y")
         self._y = y
         a = self.alphas_cumprod[-1].item()
-        return a**0.5 * y + (1 - a) ** 0.5 * noise
+        return a**0.5 * y + self.noise_scale * (1 - a) ** 0.5 * noise
 
     def step(self, model_output, t, sample, generator=None):
         y = self._y
         a_t = self.alphas_cumprod[t].item()
         s, sigma, c = a_t**0.5, (1 - a_t) ** 0.5, self.resnoise_weight()[t].item()
-        x0 = (sample - (1 - s) * y - sigma * (model_output - c * y)) / (2 * s - 1 + sigma * c)
+        x0 = (sample - (1 - s) * y - sigma * (self.noise_scale * model_output - c * y)) / (2 * s - 1 + sigma * c)
         x0 = self.hooked_x0(x0, t)
         prev = self.previous(t)
         if prev < 0:
@@ -77,4 +83,4 @@ class Resfusion(Process):
         beta = 1 - a_t / a_prev
         mean = (a_prev**0.5 * beta * u0 + (a_t / a_prev) ** 0.5 * (1 - a_prev) * u_t) / (1 - a_t)
         std = (beta * (1 - a_prev) / (1 - a_t)) ** 0.5
-        return mean + residual + std * draw_noise(sample, generator)
+        return mean + residual + self.noise_scale * std * draw_noise(sample, generator)
