@@ -21,7 +21,7 @@ import torch
 
 from medidiff.datasets.restoration_images import held_out_names, held_out_pairs, scale
 from medidiff.io.atomic import atomic_write
-from medidiff.methods.restoration import Restoration
+from medidiff.methods.restoration import Restoration, model_names
 from medidiff.metrics import psnr, ssim
 from medidiff.physics.degradations import upsample
 
@@ -41,8 +41,7 @@ def baselines(task: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 
 def trained(folder: Path) -> dict[str, Restoration]:
     """Every method saved in ``folder``, by file stem."""
-    stems = sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith("eval_"))
-    return {stem: Restoration.from_pretrained(folder, stem) for stem in stems}
+    return {stem: Restoration.from_pretrained(folder, stem) for stem in model_names(folder)}
 
 
 def score(name: str, fn: Callable[[torch.Tensor], torch.Tensor], pairs: list) -> dict:
