@@ -11,6 +11,10 @@ under its own name and is removed again without a trace::
   the paper's non-uniform, or a profiled schedule (:func:`feature_changes`, :func:`profiled_refresh_steps`).
 - :class:`FasterDiffusion`: propagate the encoder's features, decode several steps as one batch
   (``faster_diffusion``).
+- :class:`DeltaDiT`: Delta-Cache of the rear blocks early and the front blocks late (``delta_dit``);
+  :class:`SelectiveBlockCache`: Delta-Cache of chosen blocks (``selective_block_cache``), chosen by
+  profiling (:func:`block_changes`, :func:`profiled_block_cache`); both on a DiT's transformer blocks.
+- :class:`BottleneckSampling`: the middle steps at low resolution with shifted timesteps (``bottleneck_sampling``).
 - :class:`PostTrainingQuantization`: Q-Diffusion-style fake quantization (``quantization``),
   calibrated on :func:`record_model_inputs` (inputs recorded across sampling timesteps).
 - :class:`Int8Quantization`: real int8 kernels (oneDNN, x86 CPU) and a self-contained int8 file
@@ -27,6 +31,13 @@ See docs/acceleration.md for what each reuses, its measured trade-off and how it
 its paper.
 """
 
+from medidiff.acceleration.block_caching import (
+    DeltaDiT,
+    SelectiveBlockCache,
+    block_changes,
+    profiled_block_cache,
+)
+from medidiff.acceleration.bottleneck_sampling import BottleneckSampling
 from medidiff.acceleration.calibration import CalibrationSet, record_model_inputs
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
@@ -41,7 +52,7 @@ from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
-__all__ = ["CalibrationSet", "ChannelPruning", "DeepCache", "FasterDiffusion", "FloatWeightQuantization",
-           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "Transform", "TransformError", "applied",
-           "feature_changes", "layer_sensitivity", "mixed_bits", "profiled_refresh_steps", "record_model_inputs",
+__all__ = ["BottleneckSampling", "CalibrationSet", "ChannelPruning", "DeepCache", "DeltaDiT", "FasterDiffusion", "FloatWeightQuantization",
+           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "SelectiveBlockCache", "Transform", "TransformError", "applied", "block_changes",
+           "feature_changes", "layer_sensitivity", "mixed_bits", "profiled_block_cache", "profiled_refresh_steps", "record_model_inputs",
            "transforms_from_spec"]

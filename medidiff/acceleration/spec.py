@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 
+from medidiff.acceleration.block_caching import DeltaDiT, SelectiveBlockCache
+from medidiff.acceleration.bottleneck_sampling import BottleneckSampling
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
@@ -15,7 +17,8 @@ from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.transform import Transform, TransformError
 
 BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning,
-            "faster_diffusion": FasterDiffusion}
+            "faster_diffusion": FasterDiffusion, "delta_dit": DeltaDiT, "selective_block_cache": SelectiveBlockCache,
+            "bottleneck_sampling": BottleneckSampling}
 FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization}  # made from calibration data
 
 
