@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import shutil
 
 import pytest
 from mlflow import MlflowClient
@@ -13,9 +14,10 @@ from scipy.stats import binomtest
 
 from medidiff.errors import InputError
 from medidiff.evaluation import reader_study
+from medidiff.evaluation.datasets import load_data
 from medidiff.evaluation.reader_study import ReaderKey, analyse, export, pairwise_kappa
 from medidiff.pipeline import Pipeline
-from tests.test_evaluation import SMOOTH, phantom_data
+from tests.test_evaluation import SMOOTH, dicom_studies_with_references, phantom_data
 
 
 @pytest.fixture()
@@ -55,6 +57,20 @@ def test_export_is_blinded(study):
     for secret in ("smooth", "identity", "A", "B", "seed-"):
         assert secret not in template
     assert {t["image_1"] for t in key.trials.values()} == {"A", "B"}  # order is randomised
+
+
+def test_images_without_truth_export_without_a_reference(tmp_path):
+    """Real images have no reference series: --no-reference exports them; scoring them is refused."""
+    dicom_studies_with_references(tmp_path / "real", count=2)
+    shutil.rmtree(tmp_path / "real" / "reference")
+    with pytest.raises(InputError, match="--no-reference"):
+        load_data(str(tmp_path / "real"))
+    key = export(Pipeline.from_text(SMOOTH), str(tmp_path / "real"), tmp_path / "study", include_reference=False,
+                 seed=3)
+    with open(tmp_path / "study" / reader_study.PACKAGE / reader_study.TEMPLATE, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(key.trials) == 2 and all(row["reference"] == "" for row in rows)
+    assert len(list((tmp_path / "study" / reader_study.PACKAGE / "images").glob("*.png"))) == 4
 
 
 def test_key_round_trips(study):

@@ -9,7 +9,8 @@ Data specs (CLI ``--data``)::
     ct-denoise:test:5            held-out restoration pairs (medidiff.datasets.restoration_images): degraded
                                  input, clean reference; also mr-sr2, mr-sr4, xray-sr4
     path/to/folder               DICOM studies; reference/ holds one reference series per study,
-                                 matched by StudyInstanceUID (the reference folder is not evaluated)
+                                 matched by StudyInstanceUID (the reference folder is not evaluated);
+                                 a reader study without the reference (--no-reference) needs no reference/
 
 ``<kind>:...`` specs come from :data:`DATA_SPECS`; a module adds its own kind (k-space, degraded/clean
 pairs, another phantom) with :func:`register_data_spec`. Anything else is a folder.
@@ -136,8 +137,9 @@ def register_data_spec(kind: str, loader: DataLoader) -> None:
     DATA_SPECS[kind] = loader
 
 
-def load_data(spec: str, *, size: int = 512) -> EvaluationData:
-    """Evaluation data from a spec (see the module docstring); InputError says what is wrong."""
+def load_data(spec: str, *, size: int = 512, reference: bool = True) -> EvaluationData:
+    """Evaluation data from a spec (see the module docstring); InputError says what is wrong.
+    ``reference=False``: a DICOM folder's cases come without reference (real images with no truth)."""
     kind, colon, _ = spec.partition(":")
     if colon and kind in DATA_SPECS:
         return DATA_SPECS[kind](spec, size=size)
@@ -145,7 +147,7 @@ def load_data(spec: str, *, size: int = 512) -> EvaluationData:
     if not path.exists():
         kinds = ", ".join(f"{k}:..." for k in DATA_SPECS)
         raise InputError(f"--data {spec!r}: neither a folder of DICOM studies nor a data spec ({kinds})")
-    return dicom_data(path)
+    return dicom_data(path, reference=reference)
 
 
 def phantom_data(spec: str, *, generator: str, size: int = 512) -> EvaluationData:
@@ -244,22 +246,27 @@ def _item(image, reference, source: SyntheticSource) -> dict:
     return {"image": image_t, "original": image_t.clone(), "reference": tensor(reference), "source": source}
 
 
-def dicom_data(root: Path) -> EvaluationData:
-    """DICOM studies under ``root`` with reference series under ``root/reference``, paired by StudyInstanceUID."""
+def dicom_data(root: Path, reference: bool = True) -> EvaluationData:
+    """DICOM studies under ``root`` with reference series under ``root/reference``, paired by
+    StudyInstanceUID; ``reference=False``: every series outside ``reference/`` alone, without one."""
     from medidiff.io.discovery import discover
     from medidiff.io.privacy import hash_identifier
 
     reference_root = root / REFERENCE_FOLDER
-    if not reference_root.is_dir():
-        raise InputError(f"{root}: no {REFERENCE_FOLDER}/ folder with reference series (matched by StudyInstanceUID)")
+    if reference and not reference_root.is_dir():
+        raise InputError(f"{root}: no {REFERENCE_FOLDER}/ folder with reference series (matched by StudyInstanceUID); "
+                         "a reader study of images without truth takes --no-reference")
     references: dict[str, object] = {}
-    for series in discover(reference_root).series:
+    for series in discover(reference_root).series if reference else ():
         if series.study_uid in references:
             raise InputError(f"{reference_root}: study {hash_identifier(series.study_uid)} has several reference series")
         references[series.study_uid] = series
     pairs = []
     for series in discover(root).series:
         if reference_root in series.files[0].parents:
+            continue
+        if not reference:
+            pairs.append((series, None))
             continue
         if series.study_uid not in references:
             raise InputError(f"{root}: series {series.key} has no reference series in {REFERENCE_FOLDER}/ "
@@ -268,14 +275,14 @@ def dicom_data(root: Path) -> EvaluationData:
     if not pairs:
         raise InputError(f"{root}: no DICOM image series to evaluate outside {REFERENCE_FOLDER}/")
     pairs.sort(key=lambda pair: pair[0].key)
-    uids = "\n".join(f"{s.series_uid}>{r.series_uid}" for s, r in pairs)
+    uids = "\n".join(f"{s.series_uid}>{r.series_uid if r else ''}" for s, r in pairs)
     digest = hashlib.sha256(uids.encode()).hexdigest()[:16]
 
     def cases() -> Iterator[dict]:
         from medidiff.io.loading import load_item, load_series
 
-        for series, reference in pairs:
-            yield load_item(series) | {"reference": load_series(reference)}
+        for series, truth in pairs:
+            yield load_item(series) | ({"reference": load_series(truth)} if truth else {})
 
     # The folder path may name a patient or site: only its salted hash is recorded.
     name = f"dicom-{len(pairs)}-series"

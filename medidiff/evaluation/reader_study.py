@@ -120,7 +120,7 @@ def export(
     from medidiff.pipeline import Pipeline
 
     pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline.from_yaml(pipeline)
-    data = data if isinstance(data, EvaluationData) else load_data(data)
+    data = data if isinstance(data, EvaluationData) else load_data(data, reference=include_reference)
     baseline_name, baseline_fn = load_baseline(baseline or DEFAULT_BASELINE, task_for(pipeline.task))
     out = Path(out_dir)
     images = out / PACKAGE / "images"
