@@ -199,8 +199,8 @@ class PostTrainingQuantization(Transform):
                 layers[name].act_ranges = torch.stack([torch.stack(o.range(self.act_bits)) for o in observers])
         return layers
 
-    def save(self, path: str | Path) -> Path:
-        """Write the quantization (after an application) as safetensors; returns the path."""
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(meta, tensors)`` of the quantization (after an application), as :meth:`save` writes them."""
         if not self.layers:
             raise TransformError("quantization: nothing to save yet; apply it to the model first")
         tensors, layers = {}, {}
@@ -210,7 +210,22 @@ class PostTrainingQuantization(Transform):
             if q.act_ranges is not None:
                 tensors[f"{name}.act_ranges"] = q.act_ranges.contiguous()
             layers[name] = {"shape": list(q.codes.shape), "bits": q.bits, "split": q.split, "checksum": q.checksum}
-        meta = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "layers": layers}
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "layers": layers}, tensors
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor], source: str) -> PostTrainingQuantization:
+        """The quantization of :meth:`state`'s ``(meta, tensors)``, read from ``source``."""
+        transform = cls(None, meta["weight_bits"], meta["act_bits"])
+        transform.source = source
+        for name, info in meta["layers"].items():
+            transform.layers[name] = QuantizedLayer(
+                _unpack(tensors[f"{name}.codes"], info["bits"], info["shape"]), info["bits"],
+                tensors[f"{name}.weight_ranges"], tensors.get(f"{name}.act_ranges"), info["split"], info["checksum"])
+        return transform
+
+    def save(self, path: str | Path) -> Path:
+        """Write the quantization (after an application) as safetensors; returns the path."""
+        meta, tensors = self.state()
         return write_transform_file(path, tensors, METADATA_KEY, meta)
 
     @classmethod
@@ -218,10 +233,4 @@ class PostTrainingQuantization(Transform):
         """A quantization written by :meth:`save`, ready to apply without calibration."""
         meta, tensors = read_transform_file(path, METADATA_KEY, "medidiff quantization file",
                                             "PostTrainingQuantization.save")
-        transform = cls(None, meta["weight_bits"], meta["act_bits"])
-        transform.source = str(path)
-        for name, info in meta["layers"].items():
-            transform.layers[name] = QuantizedLayer(
-                _unpack(tensors[f"{name}.codes"], info["bits"], info["shape"]), info["bits"],
-                tensors[f"{name}.weight_ranges"], tensors.get(f"{name}.act_ranges"), info["split"], info["checksum"])
-        return transform
+        return cls.from_state(meta, tensors, str(path))

@@ -8,6 +8,7 @@ import inspect
 
 from medidiff.acceleration.block_caching import DeltaDiT, SelectiveBlockCache
 from medidiff.acceleration.bottleneck_sampling import BottleneckSampling
+from medidiff.acceleration.cachequant import CacheQuant
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
@@ -19,7 +20,7 @@ from medidiff.acceleration.transform import Transform, TransformError
 BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning,
             "faster_diffusion": FasterDiffusion, "delta_dit": DeltaDiT, "selective_block_cache": SelectiveBlockCache,
             "bottleneck_sampling": BottleneckSampling}
-FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization}  # made from calibration data
+FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization, "cachequant": CacheQuant}  # made from calibration data
 
 
 def transforms_from_spec(spec: dict | None) -> list[Transform]:
