@@ -234,6 +234,20 @@ def test_data_specs_are_a_registry(monkeypatch):
     assert "synthetic-cxr:..." in str(info.value) and "noisy:..." in str(info.value)
 
 
+def test_phantom_specs_take_the_validation_or_the_test_seeds():
+    from medidiff.datasets import chest_phantom
+    from medidiff.evaluation.datasets import load_data
+
+    val, test = load_data("synthetic-cxr:val:1:64"), load_data("synthetic-cxr:test:1:64")
+    assert next(val.cases())["source"].seed in chest_phantom.VAL_SEEDS
+    assert next(test.cases())["source"].seed in chest_phantom.TEST_SEEDS
+    assert val.digest != test.digest and val.name == "synthetic-cxr-val-1-64px"
+    with pytest.raises(InputError, match="test|val"):
+        load_data("synthetic-cxr:train:1:64")
+    with pytest.raises(InputError, match="ct-denoise:test:N"):
+        load_data("ct-denoise:val:1")  # the restoration held-out sets have no validation split
+
+
 def test_compare_methods_scores_tensor_methods_with_the_task_metrics():
     from medidiff import metrics
     from medidiff.evaluation.datasets import load_data

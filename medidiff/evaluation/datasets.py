@@ -4,6 +4,7 @@ Data specs (CLI ``--data``)::
 
     synthetic-cxr:test:20        20 phantom pairs from the held-out TEST_SEEDS, 512 px
     synthetic-cxr:test:20:256    ... at 256 px
+    synthetic-cxr:val:20:256     ... from the validation seeds (training's distribution: choosing settings)
     drr-cxr:test:20:256          20 DRR pairs (medidiff.datasets.drr, real chest CT) from its TEST_SEEDS
     cs-held-out:test:6:256       the CS held-out images (medidiff.datasets.cs_images), each its own reference
     ct-denoise:test:5            held-out restoration pairs (medidiff.datasets.restoration_images): degraded
@@ -152,13 +153,14 @@ def load_data(spec: str, *, size: int = 512, reference: bool = True) -> Evaluati
 
 def phantom_data(spec: str, *, generator: str, size: int = 512) -> EvaluationData:
     """``<kind>:test:N[:SIZE]``: N pairs from the held-out ``TEST_SEEDS`` of a phantom ``generator`` module
-    (``make_pair(seed, size)`` -> ``{"cxr", "soft"}`` in [0, 1])."""
+    (``make_pair(seed, size)`` -> ``{"cxr", "soft"}`` in [0, 1]); ``<kind>:val:...`` from its ``VAL_SEEDS``."""
     import importlib
 
-    kind = spec.split(":", 1)[0]
+    kind, split = spec.split(":")[:2]
     module = importlib.import_module(generator)
-    count, size = _count_and_size(spec, len(module.TEST_SEEDS), size)
-    seeds = list(module.TEST_SEEDS)[:count]
+    split_seeds = module.VAL_SEEDS if split == "val" else module.TEST_SEEDS
+    count, size = _count_and_size(spec, len(split_seeds), size, splits=("test", "val"))
+    seeds = list(split_seeds)[:count]
     digest = hashlib.sha256(Path(module.__file__).read_bytes() + f"{seeds[0]}:{count}:{size}".encode()).hexdigest()[:16]
 
     def cases() -> Iterator[dict]:
@@ -167,20 +169,21 @@ def phantom_data(spec: str, *, generator: str, size: int = 512) -> EvaluationDat
             source = SyntheticSource(seed, rows=pair["cxr"].shape[0], columns=pair["cxr"].shape[1])
             yield _item(pair["cxr"], pair["soft"], source)
 
-    name = f"{kind}-test-{count}-{size}px"
-    return EvaluationData(name, f"medidiff://{kind}:test:{count}:{size}", digest, count, cases)
+    name = f"{kind}-{split}-{count}-{size}px"
+    return EvaluationData(name, f"medidiff://{kind}:{split}:{count}:{size}", digest, count, cases)
 
 
-def _count_and_size(spec: str, available: int, size: int) -> tuple[int, int]:
-    """N and SIZE of a ``<kind>:test:N[:SIZE]`` spec, checked."""
+def _count_and_size(spec: str, available: int, size: int, splits: tuple[str, ...] = ("test",)) -> tuple[int, int]:
+    """N and SIZE of a ``<kind>:<split>:N[:SIZE]`` spec, checked."""
     kind, parts = spec.split(":", 1)[0], spec.split(":")
     try:
-        if len(parts) not in (3, 4) or parts[1] != "test":
+        if len(parts) not in (3, 4) or parts[1] not in splits:
             raise ValueError
         count = int(parts[2])
         size = int(parts[3]) if len(parts) == 4 else size
     except ValueError:
-        raise InputError(f"--data {spec!r}: expected {kind}:test:N or {kind}:test:N:SIZE") from None
+        raise InputError(f"--data {spec!r}: expected {kind}:{'|'.join(splits)}:N or "
+                         f"{kind}:{'|'.join(splits)}:N:SIZE") from None
     if not 1 <= count <= available or not 32 <= size <= 4096:
         raise InputError(f"--data {spec!r}: N must be 1..{available} and SIZE 32..4096")
     return count, size
