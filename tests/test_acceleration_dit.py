@@ -19,11 +19,12 @@ from medidiff.acceleration import (
 )
 from medidiff.acceleration.bottleneck_sampling import shifted
 from medidiff.methods.restoration import Restoration
+from medidiff.nets.dit import DiT
 
 DIT = {"task": "ct_denoise", "method": "resshift", "scale": 1, "modalities": ["CT"],
        "intensity": {"kind": "hu", "low": -1024.0, "high": 2048.0}, "steps": 10,
        "process": {"name": "resshift", "num_train_timesteps": 10, "kappa": 0.1, "power": 0.3},
-       "model": {"dit": {"hidden": 32, "depth": 4, "heads": 2, "patch": 4, "tile": 32}, "residual_scale": 0.05}}
+       "model": {"dit": {"hidden": 32, "depth": 4, "heads": 2, "patch": 4, "window": 32}, "residual_scale": 0.05}}
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +41,35 @@ def image(seed: int, size=(40, 36)) -> torch.Tensor:
     return torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_an_untrained_dit_restores_to_its_input_and_samples_large_images_in_its_own_tiles():
+def test_an_untrained_dit_restores_to_its_input():
     method = Restoration.create(DIT)  # adaLN-zero gates and the zero head: the identity on y
     x = image(0, (70, 50))
     assert torch.allclose(method.restore(x), x, atol=1e-6)
-    sides = []
-    handle = method.model_fn.net.register_forward_pre_hook(lambda m, args: sides.append(max(args[0].shape[-2:])))
-    try:
-        method.restore(x)
-    finally:
-        handle.remove()
-    assert max(sides) == 32  # the DiT's tile, not restore's default 512
+
+
+def test_dit_attends_within_shifted_windows_without_wrapping_around():
+    torch.manual_seed(0)
+    net = DiT(hidden=16, depth=4, heads=2, patch=4, window=32, in_channels=2)  # 8-token windows
+    for p in net.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(1, 2, 64, 128)
+    t = torch.tensor([5])
+    full = net(x, t)
+    moved = x.clone()
+    moved[..., -4:] += 1  # the last token column: reaches 20 columns to the left in four blocks, not the first window
+    change = (net(moved, t) - full).abs().amax(dim=(0, 1, 2))
+    change = change.detach()
+    assert float(change[:32].max()) == 0 and bool((change[-48:] > 0).all())
+    with torch.no_grad():
+        def alone(block, part):  # global attention over the tokens of ``part`` only
+            return block._heads(part.reshape(1, 1, -1, 16), None).reshape(part.shape)
+
+        h = torch.randn(1, 10, 9, 16)  # not whole windows: padded, the padding masked
+        block = net.blocks[0]
+        out = block.attend(h)
+        for rows, cols in ((slice(0, 8), slice(0, 8)), (slice(8, 10), slice(0, 8)), (slice(8, 10), slice(8, 9))):
+            assert torch.allclose(out[:, rows, cols], alone(block, h[:, rows, cols]), atol=1e-6)
+        assert torch.allclose(net.blocks[1].attend(h[:, :8, :8]), alone(net.blocks[1], h[:, :8, :8]), atol=1e-6)
 
 
 def test_block_caches_that_refresh_every_call_are_exactly_the_baseline(dit):

@@ -202,7 +202,6 @@ class Restoration(Method):
         elif boundary != "random":
             raise StageError(f"boundary is {boundary!r}; expected random or optimal")
         joined = torch.cat([y, noises], dim=1)
-        tile = min(tile, getattr(self.model_fn.net, "tile", tile)) if tile is not None else None  # DiT: its own
 
         def predictor(part: torch.Tensor) -> torch.Tensor:
             return self.sample(part[:, :1], part[:, 1:], steps, ode)
