@@ -22,6 +22,9 @@ under its own name and is removed again without a trace::
 - :class:`FloatWeightQuantization`: FP8 / FP4 weights with AdaRound learned rounding (simulated);
   :func:`layer_sensitivity` + :func:`mixed_bits`: MixDQ-style per-layer weight bits;
   :class:`GroupQuantization`: DGQ-style group-wise weights with outliers kept (simulated).
+- :class:`CacheQuant`: DeepCache's schedule chosen with quantization by dynamic programming, with
+  decoupled error correction; :class:`EfficientDM` (quantization-aware adapters) and :class:`QuEST`
+  (selected layers) fine-tuned by distillation from the float model (all simulated).
 - :class:`MagnitudePruning`: unstructured magnitude pruning (``pruning``).
 - :class:`ChannelPruning`: structured pruning of residual blocks' inner channels, really smaller
   convolutions (``channel_pruning``).
@@ -38,9 +41,11 @@ from medidiff.acceleration.block_caching import (
     profiled_block_cache,
 )
 from medidiff.acceleration.bottleneck_sampling import BottleneckSampling
+from medidiff.acceleration.cachequant import CacheQuant
 from medidiff.acceleration.calibration import CalibrationSet, record_model_inputs
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.distillation import EfficientDM, QuEST
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
 from medidiff.acceleration.float_formats import FloatWeightQuantization
 from medidiff.acceleration.group_quant import GroupQuantization
@@ -52,7 +57,7 @@ from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
-__all__ = ["BottleneckSampling", "CalibrationSet", "ChannelPruning", "DeepCache", "DeltaDiT", "FasterDiffusion", "FloatWeightQuantization",
-           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "SelectiveBlockCache", "Transform", "TransformError", "applied", "block_changes",
+__all__ = ["BottleneckSampling", "CacheQuant", "CalibrationSet", "ChannelPruning", "DeepCache", "DeltaDiT", "EfficientDM", "FasterDiffusion", "FloatWeightQuantization",
+           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "QuEST", "SelectiveBlockCache", "Transform", "TransformError", "applied", "block_changes",
            "feature_changes", "layer_sensitivity", "mixed_bits", "profiled_block_cache", "profiled_refresh_steps", "record_model_inputs",
            "transforms_from_spec"]

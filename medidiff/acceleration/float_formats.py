@@ -9,6 +9,8 @@ the rounded weights (this CPU has no FP8/FP4 arithmetic), so it shows quality, n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -16,10 +18,16 @@ from medidiff.acceleration.adaround import learn_rounding, round_nearest
 from medidiff.acceleration.calibration import CalibrationSet
 from medidiff.acceleration.fake_quant import P_NORM, SHRINK
 from medidiff.acceleration.layers import weight_layers
-from medidiff.acceleration.quantization import attach_weights, checksum
-from medidiff.acceleration.transform import Transform, TransformError
+from medidiff.acceleration.quantization import _pack, _unpack, attach_weights, checksum
+from medidiff.acceleration.transform import (
+    Transform,
+    TransformError,
+    read_transform_file,
+    write_transform_file,
+)
 from medidiff.methods.base import ModelFunction
 
+METADATA_KEY = "medidiff_fp_weights"
 FORMATS = {"fp8": (4, 3), "fp4": (2, 1)}  # exponent and mantissa bits: E4M3 (OCP, no infinities), E2M1
 
 
@@ -69,7 +77,8 @@ def layer_inputs(model_fn: ModelFunction, calibration: CalibrationSet, samples: 
 
 class FloatWeightQuantization(Transform):
     """``fmt`` ("fp8" or "fp4") weights, rounded to nearest or (``calibration`` given) learned
-    (AdaRound, ``iters`` steps per layer on ``samples`` recorded calls). Simulation only."""
+    (AdaRound, ``iters`` steps per layer on ``samples`` recorded calls). Simulation only.
+    :meth:`save` / :meth:`load`: each weight's grid indices (two per byte for FP4) and channel scales."""
 
     name = "fp-weights"
 
@@ -77,15 +86,24 @@ class FloatWeightQuantization(Transform):
         if fmt not in FORMATS:
             raise TransformError(f"fp-weights format is {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.fmt, self.calibration, self.iters, self.samples = fmt, calibration, iters, samples
+        self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # layer -> (grid index, scale, checksum)
         self.weights: dict[str, tuple[torch.Tensor, float]] = {}  # layer -> (rounded weight, float checksum)
 
+    @property
+    def bits(self) -> int:
+        """Bits per stored weight."""
+        return 1 + sum(FORMATS[self.fmt])
+
     def attach(self, model_fn: ModelFunction) -> None:
+        if not self.codes:
+            self.codes = self._round(model_fn, weight_layers(model_fn))
         if not self.weights:
-            self.weights = self._round(model_fn, weight_layers(model_fn))
+            grid = fp_grid(*FORMATS[self.fmt])
+            self.weights = {name: (grid[index.long()] * scale, c) for name, (index, scale, c) in self.codes.items()}
         attach_weights(model_fn, self.weights, self.name)
 
     @torch.no_grad()
-    def _round(self, model_fn: ModelFunction, found: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, float]]:
+    def _round(self, model_fn: ModelFunction, found: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         grid = fp_grid(*FORMATS[self.fmt])
         inputs = layer_inputs(model_fn, self.calibration, self.samples) if self.calibration else {}
         rounded = {}
@@ -93,8 +111,28 @@ class FloatWeightQuantization(Transform):
             w = layer.weight.detach()
             scale = channel_scales(w, grid)
             if inputs.get(name):
-                q = learn_rounding(layer, scale, grid, inputs[name], self.iters)
+                q = learn_rounding(layer, scale, grid, inputs[name], self.iters) / scale
             else:
-                q = round_nearest(w / scale, grid) * scale
-            rounded[name] = (q, checksum(w))
+                q = round_nearest(w / scale, grid)
+            index = torch.searchsorted((grid[1:] + grid[:-1]) / 2, q.contiguous())  # q's place on the grid
+            rounded[name] = (index.to(torch.uint8), scale, checksum(w))
         return rounded
+
+    def save(self, path: str | Path) -> Path:
+        """Write the rounded weights (after an application) as safetensors."""
+        if not self.codes:
+            raise TransformError("fp-weights: nothing to save yet; apply it to the model first")
+        tensors, layers = {}, {}
+        for name, (index, scale, c) in self.codes.items():
+            tensors |= {f"{name}.index": _pack(index, self.bits), f"{name}.scale": scale}
+            layers[name] = {"shape": list(index.shape), "checksum": c}
+        return write_transform_file(path, tensors, METADATA_KEY, {"fmt": self.fmt, "layers": layers})
+
+    @classmethod
+    def load(cls, path: str | Path) -> FloatWeightQuantization:
+        """Rounded weights written by :meth:`save`, ready to apply."""
+        meta, tensors = read_transform_file(path, METADATA_KEY, "medidiff FP weight file", "FloatWeightQuantization.save")
+        transform = cls(meta["fmt"])
+        transform.codes = {name: (_unpack(tensors[f"{name}.index"], transform.bits, info["shape"]),
+                                  tensors[f"{name}.scale"], info["checksum"]) for name, info in meta["layers"].items()}
+        return transform

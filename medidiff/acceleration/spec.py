@@ -11,7 +11,10 @@ from medidiff.acceleration.bottleneck_sampling import BottleneckSampling
 from medidiff.acceleration.cachequant import CacheQuant
 from medidiff.acceleration.channel_pruning import ChannelPruning
 from medidiff.acceleration.deepcache import DeepCache
+from medidiff.acceleration.distillation import EfficientDM, QuEST
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
+from medidiff.acceleration.float_formats import FloatWeightQuantization
+from medidiff.acceleration.group_quant import GroupQuantization
 from medidiff.acceleration.int8 import Int8Quantization
 from medidiff.acceleration.pruning import MagnitudePruning
 from medidiff.acceleration.quantization import PostTrainingQuantization
@@ -20,7 +23,9 @@ from medidiff.acceleration.transform import Transform, TransformError
 BUILDERS = {"deepcache": DeepCache, "pruning": MagnitudePruning, "channel_pruning": ChannelPruning,
             "faster_diffusion": FasterDiffusion, "delta_dit": DeltaDiT, "selective_block_cache": SelectiveBlockCache,
             "bottleneck_sampling": BottleneckSampling}
-FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization, "cachequant": CacheQuant}  # made from calibration data
+FROM_FILE = {"quantization": PostTrainingQuantization, "int8": Int8Quantization, "cachequant": CacheQuant,
+             "efficientdm": EfficientDM, "quest": QuEST, "fp_weights": FloatWeightQuantization,
+             "group_quantization": GroupQuantization}  # made in Python (calibration data, training), saved
 
 
 def transforms_from_spec(spec: dict | None) -> list[Transform]:
