@@ -12,24 +12,35 @@ column: Conv/Linear weights as float16, as shipped, or the quantization file of 
 speed; the int8 rows run real int8 kernels (their weights column is the whole self-contained file). A
 second table times single model calls in thread CPU time, rows taking turns call by call (fastest of
 30): steadier than wall times of whole images on a CPU shared with other jobs. ``--rows`` picks rows by name.
+CacheQuant, EfficientDM and QuEST (fake quantization too) are calibrated on whole sampling runs of
+``--run-images`` validation pairs (every step recorded); their making (dynamic programming and
+correction fits, distillation) happens at the warm-up and is not timed. "peak memory" is the resident
+memory's peak growth during one image of the row (sampled RSS, :func:`peak_memory_mb`), the weights
+column the file each transform writes (float16 Conv/Linear weights for rows without one).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from medidiff.acceleration import (
+    CacheQuant,
     DeepCache,
+    EfficientDM,
     FloatWeightQuantization,
     GroupQuantization,
     Int8Quantization,
     MagnitudePruning,
     PostTrainingQuantization,
+    QuEST,
     applied,
     record_model_inputs,
 )
@@ -112,19 +123,70 @@ def unet_call_ms(method: BSLDM, calibration, rows: dict[str, list], rounds: int 
     return {name: 1000 * s for name, s in best.items()}
 
 
-def weights_kb(transform, model_fn) -> float | None:
-    """Storage of a transform's weights: its file, or for simulated float formats the nominal packed size
-    (4 or 8 bits per weight + a float32 scale per output channel); None for other transforms."""
-    if isinstance(transform, PostTrainingQuantization | Int8Quantization):
-        with tempfile.TemporaryDirectory() as tmp:
-            return transform.save(Path(tmp) / "q.safetensors").stat().st_size / 1024
-    if isinstance(transform, FloatWeightQuantization):
-        bits = 8 if transform.fmt == "fp8" else 4
-        return sum(w.numel() * bits / 8 + 4 * w.shape[0] for w, _ in transform.weights.values()) / 1024
-    if isinstance(transform, GroupQuantization):  # codes, a float32 range per group, outliers as index + value
-        return sum(w.numel() * (transform.bits / 8 + 8 * transform.outliers) + 8 * w.shape[0] * -(-w.shape[1] //
-                   transform.group_size) for w in (m.weight for m in weight_layers(model_fn).values())) / 1024
-    return None
+def weights_kb(transform) -> float | None:
+    """Storage of a transform's weights: the file it writes (None for transforms without one)."""
+    if not hasattr(transform, "save"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return transform.save(Path(tmp) / "q.safetensors").stat().st_size / 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth(run) -> int:
+    """Bytes by which the resident memory peaks above its level at the start while ``run()`` runs
+    (sampled every 2 ms; freed heap returned to the system first with glibc's ``malloc_trim``)."""
+    trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+    start, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], rss_bytes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, max(peak[0], rss_bytes()) - start)
+
+
+def peak_memory_mb(method: BSLDM, image: torch.Tensor, rows: dict[str, list]) -> dict[str, float]:
+    """Per row: :func:`peak_rss_growth` of one image (MB), the transforms applied before it starts: the
+    working memory of sampling (activations, caches, weights made per call). The weights kept resident
+    (the float model and a transform's stored copies, made at the warm-up) are not in it."""
+    peaks = {}
+    for name, transforms in rows.items():
+        with applied(method.model_fn, *transforms):
+            peaks[name] = peak_rss_growth(lambda: method(image)) / 2**20
+    return peaks
+
+
+def finetuned_rows(method: BSLDM, runs, iters: int) -> dict[str, list]:
+    """CacheQuant (dynamic-programming schedule of 17 refreshes = DeepCache N=3's count, with and without
+    its error correction), EfficientDM and QuEST (``iters`` distillation steps), calibrated on ``runs``:
+    whole sampling runs recorded at every step."""
+    cq8, cq4 = CacheQuant(runs, 17, 8, 8), CacheQuant(runs, 17, 4, 8)
+    cq4_plain = CacheQuant(runs, 17, 4, 8, correct=False)
+    return {"CacheQuant W8A8, 17 refreshes (fake)": [cq8],
+            "CacheQuant W4A8, 17 refreshes, no correction (fake)": [cq4_plain],
+            "CacheQuant W4A8, 17 refreshes (fake)": [cq4],
+            "DeepCache N=3 + W4A8": [DeepCache(interval=3), PostTrainingQuantization(runs_every(runs, 5), 4, 8)],
+            f"EfficientDM W4A8, {iters} steps (fake)": [EfficientDM(runs, 4, 8, rank=4, iters=iters)],
+            f"QuEST W4A8, {iters} steps (fake)": [QuEST(runs, 4, 8, sensitive=4, iters=iters)]}
+
+
+def runs_every(runs, every: int):
+    """Every ``every``-th input of ``runs`` (a calibration set of whole runs)."""
+    return type(runs)(runs.inputs[::every])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(MODELS_DIR), help="BS-LDM folder (ldm.json + vqgan.json)")
     p.add_argument("--adaround-iters", type=int, default=100, help="AdaRound steps per layer")
     p.add_argument("--rows", help="only these rows, by name, separated by ';' (the baseline always runs)")
+    p.add_argument("--run-images", type=int, default=2,
+                   help="validation pairs whose whole sampling runs calibrate CacheQuant, EfficientDM and QuEST")
+    p.add_argument("--finetune-iters", type=int, default=200, help="EfficientDM / QuEST distillation steps")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     method = BSLDM.from_pretrained(a.model)
@@ -144,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_cxr.split(1)], every=5)
     calibration_seconds = time.perf_counter() - start
     w8, w4 = PostTrainingQuantization(calibration, 8, 8), PostTrainingQuantization(calibration, 4, 8)
+    runs = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_cxr[:a.run_images].split(1)], every=1)
     steps = method.default_steps
     wanted = {"baseline", *a.rows.split(";")} if a.rows else None
     profiled = [0]
@@ -158,28 +224,30 @@ def main(argv: list[str] | None = None) -> None:
             "W8A8 (fake quant)": [w8], "W4A8 (fake quant)": [w4],
             "W4A8, conv_in/conv_out 4-bit too": [PostTrainingQuantization(calibration, 4, 8, head_stem_bits=None)],
             **{f"pruning {p} %": [MagnitudePruning(p / 100)] for p in (10, 30, 50)},
-            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8], **quantization_rows(method, calibration, a.adaround_iters, wanted)}
+            "DeepCache N=3 + W8A8": [DeepCache(interval=3), w8], **quantization_rows(method, calibration, a.adaround_iters, wanted),
+            **finetuned_rows(method, runs, a.finetune_iters)}
     rows = {name: t for name, t in rows.items() if wanted is None or name in wanted}
     results = run_all(method, cxr, rows)
     # storage of the Conv/Linear weights: float16 as shipped, or the quantization file (codes + ranges)
     float_kb = sum(2 * m.weight.numel() for m in weight_layers(method.model_fn).values()) / 1024
-    kb = {id(t): weights_kb(t, method.model_fn) for transforms in rows.values() for t in transforms}
+    kb = {id(t): weights_kb(t) for transforms in rows.values() for t in transforms}
+    memory = peak_memory_mb(method, cxr[:1], rows)
     base, base_s, base_model_s = results["baseline"]
     all_kb = sum(p.numel() for p in method.model_fn.parameters()) / 1024
     print(f"UNet parameters: {4 * all_kb:.0f} kB as float32, {2 * all_kb:.0f} kB as float16")
     print(f"BS-LDM {a.model}: {method.default_method.upper()} {steps} steps, 256x256, "
           f"{a.images} test phantoms, threads={a.threads}; calibration {len(calibration.inputs)} inputs over "
           f"{len(calibration.timesteps)} timesteps ({calibration_seconds:.0f} s); profiled refresh steps {profiled}\n")
-    print("| configuration | s / image | speed-up | UNet s / image | UNet speed-up | weights (kB) "
+    print("| configuration | s / image | speed-up | UNet s / image | UNet speed-up | weights (kB) | peak memory (MB) "
           "| PSNR vs baseline (dB) | SSIM vs baseline | PSNR vs truth (dB) | SSIM vs truth |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (out, seconds, model_s) in results.items():
         vs_base = "exact" if torch.equal(out, base) else f"{psnr(out, base).mean():.2f}"
         size = next((kb[id(t)] for t in rows[name] if kb[id(t)] is not None), float_kb)
         print(f"| {name} | {seconds:.2f} | {base_s / seconds:.2f}x | {model_s:.2f} | {base_model_s / model_s:.2f}x | "
-              f"{size:.0f} | {vs_base} | "
+              f"{size:.0f} | {memory[name]:.0f} | {vs_base} | "
               f"{ssim(out, base).mean():.4f} | {psnr(out, soft).mean():.2f} | {ssim(out, soft).mean():.4f} |")
-    per_call = {name: t for name, t in rows.items() if not any(isinstance(x, DeepCache) for x in t)}
+    per_call = {name: t for name, t in rows.items() if not any(isinstance(x, DeepCache | CacheQuant) for x in t)}
     ms = unet_call_ms(method, calibration, per_call)
     print("\n| configuration | CPU ms / UNet call (fastest of 30, interleaved) | UNet call speed-up |\n|---|---|---|")
     for name, value in ms.items():
