@@ -1,6 +1,7 @@
 """Diffusion restoration (denoising and super-resolution): one backbone, the differences in the processes.
 
-Every method is the reversible U-Net of :mod:`medidiff.nets.reversible_unet` on ``[x_t, y]`` (the
+Every method is the reversible U-Net of :mod:`medidiff.nets.reversible_unet` (or, with ``model.dit``,
+the small DiT of :mod:`medidiff.nets.dit`) on ``[x_t, y]`` (the
 current sample and the degraded image ``y``; for super-resolution ``y`` is the low-resolution image
 upsampled bicubically, :func:`medidiff.physics.degradations.upsample`), run by a residual process:
 ResShift and UPSR (:mod:`medidiff.diffusion.resshift`), Resfusion (:mod:`medidiff.diffusion.resfusion`)
@@ -92,8 +93,8 @@ def residual_scale(config: dict) -> float | None:
     return float(scale) if scale is not None and x0_output else None
 
 
-def build_net(config: dict) -> ReversibleUNet:
-    """The U-Net of a restoration config: ``[x_t, y]`` in for processes and the one-step student
+def build_net(config: dict) -> ReversibleUNet | DiT:
+    """The U-Net (``model.unet``) or DiT (``model.dit``) of a restoration config: ``[x_t, y]`` in for processes and the one-step student
     (which keeps its teacher's architecture), ``y`` alone for the regression; the last layer starts at
     zero when the network outputs a scaled residual."""
     method, model = config["method"], config["model"]
