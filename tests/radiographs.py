@@ -33,9 +33,9 @@ def real_chest_cr() -> Path:
 def fast_bone_suppression(folder: Path, steps: int = 4) -> Path:
     """The built-in bone-suppression pipeline file with fewer sampling steps (same selection and outputs)."""
     text = pipeline_file("bone-suppression").read_text(encoding="utf-8")
-    assert "bone_suppression: {steps: 50}" in text
+    assert "bone_suppression: {steps: 20}" in text
     path = folder / "bone-suppression-fast.yaml"
-    path.write_text(text.replace("bone_suppression: {steps: 50}", f"bone_suppression: {{steps: {steps}}}"),
+    path.write_text(text.replace("bone_suppression: {steps: 20}", f"bone_suppression: {{steps: {steps}}}"),
                     encoding="utf-8")
     return path
 
