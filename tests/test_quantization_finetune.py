@@ -114,7 +114,6 @@ def test_quest_fine_tunes_only_the_temporal_and_most_sensitive_layers(model_fn, 
     quest.remove(model_fn)
     temporal = set(time_path_layers(model_fn))
     assert set(quest.chosen) > temporal and len(quest.chosen) == len(temporal) + 2
-    assert all(start[name].bits == 4 for name in set(quest.chosen) - temporal)  # not the 8-bit conv_in/conv_out
     assert quest.losses["after"] < quest.losses["before"]
     changed = {name for name, q in quest.layers.items() if not torch.equal(q.codes, start[name].codes)}
     assert changed and changed <= set(quest.chosen)

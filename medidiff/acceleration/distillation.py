@@ -197,10 +197,8 @@ class DistilledQuantization(Transform):
         self.timesteps = torch.zeros(1)
         self.losses: dict[str, float] = {}
 
-    def trainable(self, model_fn: ModelFunction, calls: list[Call], start: dict[str, QuantizedLayer]
-                  ) -> Callable[[str], dict]:
-        """Keyword options of :class:`TrainableQuantLayer` per layer name (``start``: the post-training
-        quantization the training starts from): what is trained."""
+    def trainable(self, model_fn: ModelFunction, calls: list[Call]) -> Callable[[str], dict]:
+        """Keyword options of :class:`TrainableQuantLayer` per layer name: what is trained."""
         raise NotImplementedError
 
     def attach(self, model_fn: ModelFunction) -> None:
@@ -230,7 +228,7 @@ class DistilledQuantization(Transform):
         self.timesteps = (torch.tensor(self.calibration.timesteps, dtype=torch.float32) if self.per_timestep
                           else torch.zeros(1))
         hooks = attach_trainable(model_fn, start, self.act_bits, self.timesteps, self.name,
-                                 self.trainable(model_fn, calls, start))
+                                 self.trainable(model_fn, calls))
         probe = slice(None, None, max(1, len(calls) // LOSS_CALLS))  # the loss is reported on these calls
         try:
             self.losses["before"] = distillation_loss(model_fn, calls[probe], targets[probe])
@@ -282,14 +280,14 @@ class EfficientDM(DistilledQuantization):
         super().__init__(calibration, weight_bits, act_bits, iters, lr, ptq_every, seed)
         self.rank = rank
 
-    def trainable(self, model_fn: ModelFunction, calls: list[Call], start: dict[str, QuantizedLayer]
-                  ) -> Callable[[str], dict]:
+    def trainable(self, model_fn: ModelFunction, calls: list[Call]) -> Callable[[str], dict]:
         return lambda name: {"rank": self.rank, "learn_ranges": True}
 
 
 class QuEST(DistilledQuantization):
-    """QuEST: the time-embedding path and the ``sensitive`` most bit-sensitive layers (of those at
-    ``weight_bits``: not ``conv_in``/``conv_out``, which keep 8 bits) fine-tuned whole
+    """QuEST: the time-embedding path and the ``sensitive`` most bit-sensitive layers (their output error
+    with the layer alone at ``weight_bits``; ``conv_in``/``conv_out`` compete too, though the post-training
+    quantization keeps them at 8 bits: fine-tuning them measured best, docs/acceleration.md) fine-tuned whole
     (``iters`` steps), the other layers as quantized after training; input ranges fixed."""
 
     name = "quest"
@@ -300,11 +298,9 @@ class QuEST(DistilledQuantization):
         self.sensitive = sensitive
         self.chosen: list[str] = []  # the fine-tuned layers
 
-    def trainable(self, model_fn: ModelFunction, calls: list[Call], start: dict[str, QuantizedLayer]
-                  ) -> Callable[[str], dict]:
+    def trainable(self, model_fn: ModelFunction, calls: list[Call]) -> Callable[[str], dict]:
         sensitivity = layer_sensitivity(model_fn, CalibrationSet(calls[::self.ptq_every]), bits=self.weight_bits)
-        temporal = set(time_path_layers(model_fn))  # among the others, only layers at the low bit width compete
-        ranked = sorted((n for n in sensitivity if n not in temporal and start[n].bits == self.weight_bits),
-                        key=sensitivity.get, reverse=True)
+        temporal = set(time_path_layers(model_fn))
+        ranked = sorted((n for n in sensitivity if n not in temporal), key=sensitivity.get, reverse=True)
         self.chosen = sorted(temporal) + ranked[:self.sensitive]
         return lambda name: {"full": name in self.chosen}
