@@ -18,9 +18,8 @@ keep() { mkdir -p ~/.cache/medidiff/runs/$1_$2_$3 && cp ~/.cache/medidiff/runs/r
 ship mr_sr4 regression
 keep mr_sr4 regression 45min
 ship mr_sr4 resshift & ship mr_sr4 regression --max-minutes 90 & wait
-# low-dose CT denoising: ResShift (T = 4), the regression (UPSR's uncertainty estimator too),
-# Resfusion and RDDM, four side by side
-ship ct_denoise resshift & ship ct_denoise regression & ship ct_denoise resfusion & ship ct_denoise rddm & wait
+# low-dose CT denoising: ResShift (T = 4) and the regression (UPSR's uncertainty estimator too)
+ship ct_denoise resshift & ship ct_denoise regression & wait
 # 4x radiograph super-resolution: the same recipe, 15 minutes then 30 (first run beside the CT runs)
 ship xray_sr4 regression
 keep xray_sr4 regression 15min
@@ -32,5 +31,7 @@ ship ct_denoise one_step & ship ct_denoise resshift15 & wait
 for task in mr_sr4 xray_sr4; do
   OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.methods.optimal_boundary $task --candidates 16 --pairs 8
 done
-# configured, not yet trained (no CPU time left in the session that built them):
-# ship ct_denoise upsr & ship ct_denoise samdiffsr & wait
+# UPSR, SAM-DiffSR, Resfusion and RDDM with the T = 4 model's 1360 steps (max_steps), four side by side
+ship ct_denoise upsr & ship ct_denoise samdiffsr & ship ct_denoise resfusion --fresh & ship ct_denoise rddm --fresh & wait
+# the small DiT (ResShift T = 15) that the transformer transforms act on (28 minutes, exported as resshift15_dit)
+ship ct_denoise dit
