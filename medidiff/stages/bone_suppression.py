@@ -72,7 +72,7 @@ class BoneSuppression:
             try:
                 self.transforms = transforms_from_spec(accelerate)
             except TransformError as e:
-                raise ParameterError("accelerate", accelerate, f"deepcache/pruning/quantization options ({e})") from None
+                raise ParameterError("accelerate", accelerate, f"transforms as in docs/acceleration.md ({e})") from None
 
     def bone_layer(self, norm: torch.Tensor) -> torch.Tensor:
         """Predicted bone layer (1, rows, cols) for a normalised image, at the image's own size."""

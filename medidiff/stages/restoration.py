@@ -83,8 +83,7 @@ class _Restoration:
             try:
                 self.transforms = transforms_from_spec(accelerate)
             except TransformError as e:
-                raise ParameterError("accelerate", accelerate, f"deepcache/faster_diffusion/channel_pruning options "
-                                                               f"({e})") from None
+                raise ParameterError("accelerate", accelerate, f"transforms as in docs/acceleration.md ({e})") from None
         self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
 
     def shipped_models(self) -> set[str]:
