@@ -18,6 +18,10 @@ keep() { mkdir -p ~/.cache/medidiff/runs/$1_$2_$3 && cp ~/.cache/medidiff/runs/r
 ship mr_sr4 regression
 keep mr_sr4 regression 45min
 ship mr_sr4 resshift & ship mr_sr4 regression --max-minutes 90 & wait
+# 2x MR super-resolution: the same recipe at half the budget, 20 minutes then 20
+ship mr_sr2 regression
+keep mr_sr2 regression 20min
+ship mr_sr2 resshift & ship mr_sr2 regression --max-minutes 40 & wait
 # low-dose CT denoising: ResShift (T = 4) and the regression (UPSR's uncertainty estimator too)
 ship ct_denoise resshift & ship ct_denoise regression & wait
 # 4x radiograph super-resolution: the same recipe, 15 minutes then 30 (first run beside the CT runs)
