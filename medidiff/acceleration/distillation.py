@@ -22,6 +22,7 @@ applied with float kernels: simulation only.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -197,9 +198,9 @@ class DistilledQuantization(Transform):
         self.timesteps = torch.zeros(1)
         self.losses: dict[str, float] = {}
 
+    @abstractmethod
     def trainable(self, model_fn: ModelFunction, calls: list[Call]) -> Callable[[str], dict]:
         """Keyword options of :class:`TrainableQuantLayer` per layer name: what is trained."""
-        raise NotImplementedError
 
     def attach(self, model_fn: ModelFunction) -> None:
         if not self.layers:
