@@ -254,16 +254,16 @@ def export(weights: str | Path, model_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m medidiff.train CONFIG [--max-minutes M] [--fresh] [--out-dir D] [--export MODEL_DIR]``."""
+    """``python -m medidiff.train CONFIG [--max-minutes M] [--fresh] [--run-dir D] [--export MODEL_DIR]``."""
     p = argparse.ArgumentParser(prog="python -m medidiff.train", description=main.__doc__)
     p.add_argument("config")
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--out-dir", help="run folder (default ~/.cache/medidiff/runs/NAME)")
+    p.add_argument("--run-dir", help="run folder (default ~/.cache/medidiff/runs/NAME)")
     p.add_argument("--export", help="also copy the trained weights into this model folder, e.g. models/bone_suppression")
     p.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:1")
     a = p.parse_args(argv)
-    print(train(a.config, out_dir=a.out_dir, resume=not a.fresh, max_minutes=a.max_minutes, export_to=a.export,
+    print(train(a.config, out_dir=a.run_dir, resume=not a.fresh, max_minutes=a.max_minutes, export_to=a.export,
                 device=a.device))
 
 

@@ -9,7 +9,7 @@ from monai.data import MetaTensor
 from medidiff.datasets.cs_images import held_out_images
 from medidiff.errors import InputError, StageError
 from medidiff.evaluation.cs_held_out import evaluate as evaluate_held_out
-from medidiff.evaluation.cs_held_out import markdown
+from medidiff.evaluation.cs_held_out import markdown, merge_rows
 from medidiff.evaluation.datasets import load_data
 from medidiff.methods.cs_reconstruction import CSReconstruction, make_operator
 from medidiff.metrics import psnr
@@ -52,6 +52,16 @@ def test_held_out_table_has_every_setting_and_method():
     assert all(len(r["per_image_psnr"]) == 6 and r["seconds"] >= 0 for r in rows)
     table = markdown(rows, 64, 2, ["a", "b"])
     assert table.count("**") == 4 and "DDNM (2 steps)" in table  # one best PSNR per setting
+
+
+def test_re_measured_rows_replace_only_their_own_cells_in_table_order():
+    def row(setting, method, value):
+        return {"setting": setting, "method": method, "psnr": value}
+
+    old = [row("block CS 1 %", m, 1.0) for m in ("idm", "ddnm")] + [row("MRI 4x random", "idm", 1.0)]
+    merged = merge_rows(old, [row("MRI 4x random", "idm", 2.0), row("block CS 1 %", "idm", 2.0)])
+    assert [(r["setting"], r["method"], r["psnr"]) for r in merged] == [
+        ("block CS 1 %", "idm", 2.0), ("block CS 1 %", "ddnm", 1.0), ("MRI 4x random", "idm", 2.0)]
 
 
 def build_stage(name: str, params: dict):

@@ -22,13 +22,16 @@ ship mr_sr4 resshift & ship mr_sr4 regression --max-minutes 90 & wait
 ship mr_sr2 regression
 keep mr_sr2 regression 20min
 ship mr_sr2 resshift & ship mr_sr2 regression --max-minutes 40 & wait
-# low-dose CT denoising: ResShift (T = 4) and the regression (UPSR's uncertainty estimator too)
+# low-dose CT denoising: ResShift (T = 4) and the regression (UPSR's uncertainty estimator too), each to
+# T = 15's 1776 steps (first runs 30 minutes = 1360 steps, resumed to 1776 a session later; UPSR below was
+# trained against the 1360-step regression)
 ship ct_denoise resshift & ship ct_denoise regression & wait
 # 4x radiograph super-resolution: the same recipe, 15 minutes then 30 (first run beside the CT runs)
 ship xray_sr4 regression
 keep xray_sr4 regression 15min
 ship xray_sr4 resshift & ship xray_sr4 regression --max-minutes 45 & wait
-# the one-step student of the CT ResShift teacher; ResShift T = 15 for the 4-vs-15-step comparison
+# the one-step student of the CT ResShift teacher (400 steps; distilled again, --fresh, from the 1776-step
+# teacher); ResShift T = 15 for the 4-vs-15-step comparison
 # (15 minutes, later resumed to 30: ship ct_denoise resshift15 --max-minutes 30)
 ship ct_denoise one_step & ship ct_denoise resshift15 & wait
 # plug-and-play: the optimal boundary conditions of the SR ResShift models (written into resshift.json)

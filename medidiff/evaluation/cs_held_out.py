@@ -6,6 +6,8 @@ other patients and natural images, never trained on) with block CS at 1/4/10/30/
 Cartesian MRI at 4x/8x (random and equispaced masks), reconstructs them with zero-filled, FISTA-TV,
 DDNM and IDM (:class:`medidiff.methods.cs_reconstruction.CSReconstruction`), and writes mean PSNR/SSIM
 and CPU seconds per image (one thread) to ``eval_held_out.json`` / ``.md`` in the model folder (card refreshed).
+``--methods`` / ``--kinds`` re-measure a subset: the other rows are kept from the folder's existing table
+(when it was measured at the same size and DDNM steps).
 """
 
 from __future__ import annotations
@@ -78,6 +80,21 @@ def evaluate(folder: Path, size: int, ddnm_steps: int, settings: dict[str, dict]
         return list(pool.map(_score, *zip(*work, strict=True)))
 
 
+def _existing_rows(path: Path, size: int, ddnm_steps: int) -> list[dict]:
+    """The rows of an earlier table measured the same way (same size and DDNM steps), else none."""
+    if not path.is_file():
+        return []
+    table = json.loads(path.read_text())
+    return table["rows"] if (table.get("size"), table.get("ddnm_steps")) == (size, ddnm_steps) else []
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with every (setting, method) measured in ``new`` replaced, in the SETTINGS x METHODS order."""
+    by = {(r["setting"], r["method"]): r for r in old} | {(r["setting"], r["method"]): r for r in new}
+    order = {key: i for i, key in enumerate((s, m) for s in SETTINGS for m in METHODS)}
+    return sorted(by.values(), key=lambda r: order.get((r["setting"], r["method"]), len(order)))
+
+
 def markdown(rows: list[dict], size: int, ddnm_steps: int, names: list[str]) -> str:
     """The card's table: settings as rows, methods as columns (PSNR / SSIM), then seconds per image."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -108,11 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=Path, help="model folder (default: the shipped models/cs_reconstruction)")
     p.add_argument("--jobs", type=int, default=2, help="single-threaded worker processes")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--kinds", default="block_cs,cartesian_mri",
+                   help="measurement kinds to measure (comma-separated subset of block_cs, cartesian_mri)")
     a = p.parse_args(argv)
     from medidiff.methods.model_card import write_model_card
 
     folder = a.models or model_dir("cs_reconstruction")
-    rows = evaluate(folder, a.size, a.ddnm_steps, methods=tuple(a.methods.split(",")), jobs=a.jobs)
+    settings = {name: spec for name, spec in SETTINGS.items() if spec["kind"] in a.kinds.split(",")}
+    rows = merge_rows(_existing_rows(folder / "eval_held_out.json", a.size, a.ddnm_steps),
+                      evaluate(folder, a.size, a.ddnm_steps, settings, tuple(a.methods.split(",")), a.jobs))
     names = held_out_names()
     with atomic_write(folder / "eval_held_out.json") as tmp:
         tmp.write_text(json.dumps({"size": a.size, "ddnm_steps": a.ddnm_steps, "images": names, "rows": rows}, indent=2))
