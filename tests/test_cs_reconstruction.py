@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 from medidiff.datasets.cs_images import held_out_images
 from medidiff.errors import InputError, StageError
 from medidiff.evaluation.cs_held_out import evaluate as evaluate_held_out
+from medidiff.evaluation.cs_held_out import main as cs_held_out_main
 from medidiff.evaluation.cs_held_out import markdown, merge_rows
 from medidiff.evaluation.datasets import load_data
 from medidiff.methods.cs_reconstruction import CSReconstruction, make_operator
@@ -62,6 +63,12 @@ def test_re_measured_rows_replace_only_their_own_cells_in_table_order():
     merged = merge_rows(old, [row("MRI 4x random", "idm", 2.0), row("block CS 1 %", "idm", 2.0)])
     assert [(r["setting"], r["method"], r["psnr"]) for r in merged] == [
         ("block CS 1 %", "idm", 2.0), ("block CS 1 %", "ddnm", 1.0), ("MRI 4x random", "idm", 2.0)]
+
+
+def test_unknown_measurement_kind_is_refused_before_any_table_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cs_held_out_main(["--models", str(tmp_path), "--kinds", "block_cs,radial"])
+    assert "unknown radial" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def build_stage(name: str, params: dict):

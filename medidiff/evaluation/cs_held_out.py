@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     from medidiff.methods.model_card import write_model_card
 
     folder = a.models or model_dir("cs_reconstruction")
-    settings = {name: spec for name, spec in SETTINGS.items() if spec["kind"] in a.kinds.split(",")}
+    kinds = a.kinds.split(",")
+    if unknown := set(kinds) - {spec["kind"] for spec in SETTINGS.values()}:
+        p.error(f"--kinds: unknown {', '.join(sorted(unknown))}; use block_cs and/or cartesian_mri")
+    settings = {name: spec for name, spec in SETTINGS.items() if spec["kind"] in kinds}
     rows = merge_rows(_existing_rows(folder / "eval_held_out.json", a.size, a.ddnm_steps),
                       evaluate(folder, a.size, a.ddnm_steps, settings, tuple(a.methods.split(",")), a.jobs))
     names = held_out_names()
