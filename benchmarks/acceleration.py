@@ -96,8 +96,8 @@ def quantization_rows(method: BSLDM, calibration, adaround_iters: int, wanted: s
     bits = {}
     if wanted is None or mixdq in wanted:
         bits = mixed_bits(method.model_fn, layer_sensitivity(method.model_fn, calibration, bits=4), budget=6)
-    return {"int8 W8A7 (oneDNN kernels)": [int8],
-            "int8 W8A7, no temporal cache": [Int8Quantization(calibration, temporal_cache=False)],
+    return {"int8 W7A8 (oneDNN kernels)": [int8],
+            "int8 W7A8, no temporal cache": [Int8Quantization(calibration, temporal_cache=False)],
             "DeepCache N=3 + int8": [DeepCache(interval=3), int8],
             "FP8 weights (fake, nearest)": [FloatWeightQuantization("fp8")],
             "FP4 weights (fake, nearest)": [FloatWeightQuantization("fp4")],

@@ -1,12 +1,12 @@
-"""Feature caching and structured pruning on the shipped models: seconds per image and quality.
+"""Feature caching, structured pruning and real int8 on the shipped models: seconds per image and quality.
 
 ``python benchmarks/acceleration_caching.py bs_ldm [--images 4]`` (BS-LDM, 256x256 phantoms, DDPM 50
-steps; ``--per-call``: the milliseconds of single UNet calls instead) or ``... ct_denoise [--images 3]``
-(the CT-denoising ResShift T=15 model on the centre 256x256 of the held-out slices of other patients,
-``restoration_images.held_out_pairs``). Rows are timed as in
+steps; ``--per-call``: the milliseconds of single UNet calls instead) or ``... ct_denoise [--images 3]
+[--size 256]`` (the CT-denoising ResShift T=15 model on the centre ``size`` x ``size`` of the held-out
+slices of other patients, ``restoration_images.held_out_pairs``). Rows are timed as in
 ``benchmarks/acceleration.py`` (its ``run_all``: rows take turns image by image, the fastest image,
-whole and inside the model function). Structured pruning's refit is calibrated on other images (BS-LDM:
-validation phantoms; CT: training patches), model inputs recorded every 5th step; "inner channels" is
+whole and inside the model function). Structured pruning's refit and int8 are calibrated on other images
+(BS-LDM: validation phantoms; CT: training patches), model inputs recorded every 5th step; "inner channels" is
 the fraction of the residual blocks' inner channels that still run.
 """
 
@@ -17,9 +17,16 @@ import time
 
 import numpy as np
 import torch
-from acceleration import pairs, run_all  # benchmarks/acceleration.py, next to this script
+from acceleration import pairs, run_all, weights_kb  # benchmarks/acceleration.py, next to this script
 
-from medidiff.acceleration import ChannelPruning, DeepCache, FasterDiffusion, applied, record_model_inputs
+from medidiff.acceleration import (
+    ChannelPruning,
+    DeepCache,
+    FasterDiffusion,
+    Int8Quantization,
+    applied,
+    record_model_inputs,
+)
 from medidiff.datasets import chest_phantom
 from medidiff.datasets import restoration_images as images
 from medidiff.methods.bone_suppression import BSLDM
@@ -30,14 +37,14 @@ from medidiff.resources import model_dir
 PAPER_KEY_STEPS = [0, 1, 2, 3, 5, 10, 15, 25, 35]  # Faster Diffusion's key steps for 50-step SD sampling
 
 
-def load(model: str, count: int):
-    """(method, test inputs, truths, calibration inputs) for ``model``."""
+def load(model: str, count: int, size: int = 256):
+    """(method, test inputs, truths, calibration inputs) for ``model`` (CT: centre crops of ``size``)."""
     if model == "bs_ldm":
         cxr, soft = pairs(list(chest_phantom.TEST_SEEDS)[:count])
         return BSLDM.from_pretrained(), cxr, soft, pairs(list(chest_phantom.VAL_SEEDS)[:2])[0]
     method = Restoration.from_pretrained(model_dir("restoration") / "ct_denoise", "resshift15")
-    held = [(clean, noisy) for _, clean, noisy in images.held_out_pairs("ct_denoise") if min(clean.shape[-2:]) >= 256]
-    crop = [tuple(t[..., (t.shape[-2] - 256) // 2:][..., :256, (t.shape[-1] - 256) // 2:][..., :256] for t in pair)
+    held = [(clean, noisy) for _, clean, noisy in images.held_out_pairs("ct_denoise") if min(clean.shape[-2:]) >= size]
+    crop = [tuple(t[..., (t.shape[-2] - size) // 2:][..., :size, (t.shape[-1] - size) // 2:][..., :size] for t in pair)
             for pair in held[:count]]
     _, calibration = images.training_pairs("ct_denoise", 2, 256, np.random.default_rng(0))
     return method, torch.cat([n for _, n in crop]), torch.cat([c for c, _ in crop]), calibration
@@ -45,6 +52,7 @@ def load(model: str, count: int):
 
 def rows_for(model: str, calibration) -> dict[str, list]:
     cp = {s: ChannelPruning(s, calibration) for s in (0.125, 0.25, 0.5)}
+    int8 = Int8Quantization(calibration)
     rows = {"baseline": [], **{f"DeepCache N={n}": [DeepCache(interval=n)] for n in (2, 3, 5)},
             "Faster Diffusion N=2": [FasterDiffusion(interval=2)], "Faster Diffusion N=3": [FasterDiffusion(interval=3)],
             "Faster Diffusion N=3, sequential decoding": [FasterDiffusion(interval=3, parallel=1)],
@@ -52,7 +60,9 @@ def rows_for(model: str, calibration) -> dict[str, list]:
             **{f"channel pruning {s:.1%} + refit": [t] for s, t in cp.items()},
             "DeepCache N=3 + channel pruning 25 % + refit": [DeepCache(interval=3), cp[0.25]],
             "DeepCache N=5 + channel pruning 25 % + refit": [DeepCache(interval=5), cp[0.25]],
-            "Faster Diffusion N=3 + channel pruning 25 % + refit": [FasterDiffusion(interval=3), cp[0.25]]}
+            "Faster Diffusion N=3 + channel pruning 25 % + refit": [FasterDiffusion(interval=3), cp[0.25]],
+            "int8 W7A8 (oneDNN kernels)": [int8], "DeepCache N=3 + int8": [DeepCache(interval=3), int8],
+            "DeepCache N=5 + int8": [DeepCache(interval=5), int8]}
     if model == "bs_ldm":
         rows |= {"Faster Diffusion, paper's key steps (9 of 50)": [FasterDiffusion(key_steps=PAPER_KEY_STEPS)],
                  "Faster Diffusion N=3, prior noise 0.003": [FasterDiffusion(interval=3, noise_injection=0.003)]}
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model", choices=["bs_ldm", "ct_denoise"])
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--size", type=int, default=256, help="ct_denoise: the centre crop's size (256 or 512)")
     p.add_argument("--rows", help="only rows whose name contains one of these, separated by ';' (and the baseline)")
     p.add_argument("--per-call", action="store_true", help="BS-LDM: the cost of single model calls instead")
     a = p.parse_args(argv)
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                 "Faster Diffusion N=3, sequential": [FasterDiffusion(interval=3, parallel=1)],
                 **{f"channel pruning {s:.0%}": [ChannelPruning(s)] for s in (0.25, 0.5)}}
         return per_call(BSLDM.from_pretrained().model_fn, (1, 4, 64, 64), rows)
-    method, inputs, truth, cal_inputs = load(a.model, a.images)
+    method, inputs, truth, cal_inputs = load(a.model, a.images, a.size)
     start = time.perf_counter()
     calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_inputs.split(1)], every=5)
     calibration_seconds = time.perf_counter() - start
@@ -111,7 +122,12 @@ def main(argv: list[str] | None = None) -> None:
         with applied(method.model_fn, *transforms):
             kept[name] = ChannelPruning.kept_fraction(method.model_fn)
     print(f"{a.model}: {len(inputs)} held-out images {tuple(inputs.shape[-2:])}, threads={a.threads}; calibration "
-          f"{len(calibration.inputs)} model inputs ({calibration_seconds:.0f} s)\n")
+          f"{len(calibration.inputs)} model inputs ({calibration_seconds:.0f} s)")
+    int8 = next((t for transforms in rows.values() for t in transforms if isinstance(t, Int8Quantization)), None)
+    if int8 is not None:
+        float_kb = sum(p.numel() for p in method.model_fn.parameters()) * 4 / 1024
+        print(f"int8 file {weights_kb(int8):.0f} kB, float32 parameters {float_kb:.0f} kB")
+    print()
     print("| configuration | s / image | speed-up | model s / image | model speed-up | inner channels "
           "| PSNR vs baseline (dB) | PSNR vs truth (dB) | SSIM vs truth |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,6 @@
-"""Real int8 kernels (oneDNN) on a tiny diffusers UNet: agreement with the simulation and the float model,
-the self-contained file, the temporal feature cache, removal, composition and refusals."""
+"""Real int8 kernels (oneDNN) on a tiny diffusers UNet and a tiny reversible U-Net: agreement with the
+simulation and the float model, the self-contained file, the temporal feature cache, removal, composition
+and refusals."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ from medidiff.acceleration import (
     transforms_from_spec,
 )
 from medidiff.acceleration.adaround import layer_output
-from medidiff.acceleration.fake_quant import fake_quantize, weight_codes, weight_from_codes, weight_ranges
+from medidiff.acceleration.calibration import CalibrationSet
+from medidiff.acceleration.fake_quant import (
+    fake_quantize,
+    quantize_codes,
+    weight_codes,
+    weight_from_codes,
+    weight_ranges,
+)
 from medidiff.acceleration.float_formats import (
     FORMATS,
     FloatWeightQuantization,
@@ -33,6 +41,9 @@ from medidiff.acceleration.layers import weight_layers
 from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
 from medidiff.acceleration.temporal import time_path_layers
 from medidiff.methods.bone_suppression import ConcatConditionUNet, build_noise_unet
+from medidiff.methods.restoration import RestorationFunction
+from medidiff.nets.reversible import CouplingSequence
+from medidiff.nets.reversible_unet import ReversibleUNet
 from tests.test_acceleration import STEPS, rel_err, run
 
 CONFIG = {"latent_channels": 2, "channels": [16, 32, 32], "layers_per_block": 1, "norm_groups": 8,
@@ -78,7 +89,8 @@ def test_int8_kernel_computes_its_simulation(model_fn, int8):
     scale, zero = t["net.up_blocks.1.resnets.0.conv1.input_scale"], t["net.up_blocks.1.resnets.0.conv1.input_zero"]
     lo, hi = -zero * scale, (2**ACT_BITS - 1 - zero) * scale
     weight = t["net.up_blocks.1.resnets.0.conv1.weight"]
-    assert weight.dtype == torch.int8
+    assert weight.dtype == torch.int8 and weight.min() >= -64 and weight.max() <= 63  # 7 bits: no 16-bit overflow
+    assert quantize_codes(x, lo, hi, ACT_BITS).max() > 200  # the input uses the top of its 8-bit range
     simulated = F.conv2d(fake_quantize(x, lo, hi, ACT_BITS),
                          weight.float() * t["net.up_blocks.1.resnets.0.conv1.weight_scale"][:, None, None, None],
                          conv.bias, padding=1)
@@ -119,6 +131,41 @@ def test_int8_file_is_int8_self_contained_and_reloads_identically(model_fn, int8
     (tmp_path / "bad.safetensors").write_text("not a tensor file")
     with pytest.raises(TransformError, match="bad.safetensors: not a medidiff int8 file"):
         Int8Quantization.load(tmp_path / "bad.safetensors")
+
+
+def reversible_model(seed: int, merge: float) -> RestorationFunction:
+    """A tiny restoration U-Net (reversible couplings with scalar weights of their own)."""
+    torch.manual_seed(seed)
+    fn = RestorationFunction(ReversibleUNet(channels=(16, 16), blocks=1, time_channels=16, in_channels=2))
+    for sequence in fn.modules():
+        if isinstance(sequence, CouplingSequence):
+            sequence.merge_scale.data.fill_(merge)
+    return fn.eval().requires_grad_(False)
+
+
+def test_int8_runs_the_reversible_unet_and_its_file_carries_the_coupling_weights(tmp_path):
+    fn, other = reversible_model(0, merge=0.3), reversible_model(1, merge=-0.6)
+    calls = [(torch.randn(1, 1, 32, 32), torch.tensor([t]), torch.randn(1, 1, 32, 32)) for t in (900, 500, 100, 300)]
+    expected = fn(*calls[-1])
+    quant = Int8Quantization(CalibrationSet(calls[:3]))
+    with applied(fn, quant):
+        out = fn(*calls[-1])
+    assert 0 < rel_err(out, expected) < 0.05 and torch.equal(fn(*calls[-1]), expected)
+    assert quant.kinds["net.down.0"] == "float" and "int8" in quant.kinds.values()  # no temporal cache here
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with applied(other, Int8Quantization.load(quant.save(tmp_path / "rev.safetensors"))):
+        assert torch.equal(other(*calls[-1]), out)  # not one of other's own parameters is used, scalars included
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # and they are back in place
+    cache = DeepCache(interval=2)  # composes in either order: the same calls, full then cached
+    with applied(fn, quant, cache):
+        a = [fn(*call) for call in calls[:2]]
+    with applied(fn, cache, quant):
+        b = [fn(*call) for call in calls[:2]]
+    with applied(fn, quant):
+        uncached = fn(*calls[1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and not torch.equal(a[1], uncached)
+    with pytest.raises(TransformError, match="temporal cache needs a diffusers UNet"):
+        Int8Quantization(CalibrationSet(calls[:3]), temporal_cache=True).apply(fn)
 
 
 def test_temporal_cache_keeps_one_feature_per_timestep_and_layer(model_fn, int8, tmp_path):

@@ -1,16 +1,22 @@
 """Real int8 inference on x86 CPUs (oneDNN's int8 convolution), stored as a self-contained int8 file.
 
-Every k x k convolution (k > 1) except the model's first layer runs on ``onednn::qconv_pointwise``
-(the kernel behind PyTorch's x86 int8 path): its input is quantized per tensor with a range calibrated
-as in Q-Diffusion (:class:`~medidiff.acceleration.quantization.PostTrainingQuantization`, inputs recorded
-across the sampling timesteps), its weight is int8 per output channel (symmetric range search), and the
-kernel returns float directly (no output quantization). Inputs use 7 bits (0..127), as PyTorch's x86
-default (``reduce_range``) does: without AVX-512 VNNI the kernels add uint8 x int8 products in 16 bits,
-and 8-bit inputs overflow there. The other Conv/Linear layers (1x1 convolutions and attention, where
-int8 kernels measured slower than float on this CPU; ``conv_in``, which reads the sampler's state) keep
-float kernels on int8-stored weights. With ``temporal_cache`` (TFMQ-DM) the time-embedding path keeps
-float activations on its own int8 weights and its features are kept per timestep
-(:mod:`medidiff.acceleration.temporal`).
+Every k x k convolution (k > 1) except the model's first convolution runs on ``onednn::qconv_pointwise``
+(the kernel behind PyTorch's x86 int8 path): its input is quantized per tensor to 8 bits with a range
+calibrated as in Q-Diffusion (:class:`~medidiff.acceleration.quantization.PostTrainingQuantization`, inputs
+recorded across the sampling timesteps), its weight per output channel to 7 bits (-64..63, symmetric range
+search, stored as int8), and the kernel returns float directly (no output quantization). Why W7A8: without
+AVX-512 VNNI the kernels add pairs of uint8 x int8 products in 16 bits; with 8-bit weights, 8-bit inputs
+overflow there (PyTorch's x86 default, ``reduce_range``, gives up an input bit instead), while weights
+below 64 in magnitude keep every pair within range (255 * 64 * 2 < 2**15). The per-channel weights lose
+less to the seventh bit than per-tensor inputs do. The other Conv/Linear layers (1x1 convolutions and
+attention, where int8 kernels measured slower than float on this CPU; ``conv_in``, which reads the
+sampler's state) keep float kernels on 8-bit-stored weights. Every convolution works in channels-last
+order (the order oneDNN computes in; sums of tensors in mixed orders are several times slower), and the
+kernel's input is quantized into a per-thread scratch buffer. With ``temporal_cache`` (TFMQ-DM, on by
+default where the model is a diffusers UNet with a time embedding) the time-embedding path keeps float
+activations on its own int8 weights and its features are kept per timestep
+(:mod:`medidiff.acceleration.temporal`). Other modules' own parameters (the scalar coupling weights of the
+reversible U-Net) are stored in float32 and used in place of the model's.
 
 The file (:meth:`Int8Quantization.save`) holds every parameter of the model: int8 weights with their
 float32 steps, float32 biases and norm parameters, and the input ranges; applied from it
@@ -19,10 +25,12 @@ float32 steps, float32 biases and norm parameters, and the input ranges; applied
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import HookRegistry
 from torch import nn
 
@@ -30,7 +38,12 @@ from medidiff.acceleration.calibration import CalibrationSet
 from medidiff.acceleration.fake_quant import scale_zero, signed_weight
 from medidiff.acceleration.layers import LayerOverride, override_weight, weight_layers
 from medidiff.acceleration.quantization import PostTrainingQuantization
-from medidiff.acceleration.temporal import TemporalFeatures, cache_time_path, time_path_layers
+from medidiff.acceleration.temporal import (
+    TemporalFeatures,
+    cache_time_path,
+    has_time_embedding,
+    time_path_layers,
+)
 from medidiff.acceleration.transform import (
     Transform,
     TransformError,
@@ -40,8 +53,10 @@ from medidiff.acceleration.transform import (
 from medidiff.methods.base import ModelFunction
 
 METADATA_KEY = "medidiff_int8"
-ACT_BITS = 7
-STORED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)
+ACT_BITS = 8  # the kernels' inputs
+KERNEL_WEIGHT_BITS = 7  # the kernels' weights: no 16-bit overflow on AVX2 (see the module docstring)
+STORED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)  # layers computed from the file by int8's own code
+QUANTIZATION_KEYS = ("weight_scale", "input_scale", "input_zero")  # per quantized layer, beside its parameters
 
 
 def runs_int8(layer: nn.Module) -> bool:
@@ -60,19 +75,40 @@ def _check_kernels() -> None:
         raise TransformError("int8 needs PyTorch built with oneDNN (mkldnn); simulate it with PostTrainingQuantization")
 
 
+class Scratch(threading.local):
+    """Per-thread buffers for the kernels' quantized inputs, by input shape and strides (one application's)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float buffer like ``x`` and a channels-last uint8 buffer of its shape."""
+        key = (tuple(x.shape), x.stride())
+        if key not in self.buffers:
+            self.buffers[key] = (torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8,
+                                                                  memory_format=torch.channels_last))
+        return self.buffers[key]
+
+
 class Int8Conv(LayerOverride):
-    """A Conv2d on oneDNN's int8 kernel: 7-bit input (step, zero point), int8 weight, float output."""
+    """A Conv2d on oneDNN's int8 kernel: 8-bit input (step, zero point), 7-bit weight, float output."""
 
     def __init__(self, layer: nn.Conv2d, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: float, input_zero: int):
+                 input_scale: float, input_zero: int, scratch: Scratch):
         super().__init__()
         self.scale, self.bias, self.input_scale, self.input_zero = scale, bias, input_scale, input_zero
+        self.zero_point = torch.tensor(float(input_zero))
+        self.scratch = scratch
         self.zeros = torch.zeros(len(scale), dtype=torch.int64)
         self.args = (list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups)
         self.packed = torch.ops.onednn.qconv_prepack(weight, scale, input_scale, input_zero, *self.args, None)
 
     def new_forward(self, module, x):
-        codes = (x / self.input_scale).round_().add_(self.input_zero).clamp_(0, 2**ACT_BITS - 1).to(torch.uint8)
+        if x.ndim != 4:
+            raise TransformError(f"int8 convolution expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        values, codes = self.scratch.get(x)  # x / step + zero, rounded and clipped, without new allocations
+        torch.add(self.zero_point, x, alpha=1.0 / self.input_scale, out=values)
+        codes.copy_(values.round_().clamp_(0, 2**ACT_BITS - 1))
         return torch.ops.onednn.qconv_pointwise(codes, self.input_scale, self.input_zero, self.packed, self.scale,
                                                 self.zeros, self.bias, *self.args, 1.0, 0, torch.float32, "none", [], "")
 
@@ -85,8 +121,8 @@ class StoredLayer(LayerOverride):
         self.weight, self.bias = weight, bias
 
     def new_forward(self, module, x):
-        if isinstance(module, nn.Conv2d):
-            return module._conv_forward(x, self.weight, self.bias)
+        if isinstance(module, nn.Conv2d):  # channels last, as the int8 kernels' outputs: no mixed-order sums
+            return module._conv_forward(x.contiguous(memory_format=torch.channels_last), self.weight, self.bias)
         if isinstance(module, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if isinstance(module, nn.GroupNorm):
@@ -94,13 +130,32 @@ class StoredLayer(LayerOverride):
         return F.layer_norm(x, module.normalized_shape, self.weight, self.bias, module.eps)
 
 
+class StoredParameters(ModelHook):
+    """Runs any other module's own forward with its direct parameters replaced by the stored ones (swapped
+    in while the first of any concurrent calls runs, swapped back when the last one returns)."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.params, self.own, self.running, self.lock = params, {}, 0, threading.Lock()
+
+    def new_forward(self, module, *args, **kwargs):
+        with self.lock:
+            if self.running == 0:
+                self.own = {k: module._parameters[k] for k in self.params}
+                module._parameters.update(self.params)
+            self.running += 1
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+                if self.running == 0:
+                    module._parameters.update(self.own)
+
+
 def stored_modules(model_fn: nn.Module) -> dict[str, nn.Module]:
-    """Every module that owns parameters, by name; refuses parameter owners the int8 file cannot hold."""
+    """Every module that owns parameters, by name; refuses models the int8 file cannot hold."""
     owners = {name: m for name, m in model_fn.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    for name, m in owners.items():
-        if not isinstance(m, STORED):
-            raise TransformError(f"int8 cannot store {type(m).__name__} layer {name!r}; it stores "
-                                 f"{', '.join(t.__name__ for t in STORED)} layers")
     if any(True for _ in model_fn.buffers()):
         raise TransformError("int8 cannot store a model with buffers (e.g. batch-norm statistics)")
     if any(p.device.type != "cpu" for p in model_fn.parameters()):
@@ -109,7 +164,7 @@ def stored_modules(model_fn: nn.Module) -> dict[str, nn.Module]:
 
 
 class Int8Quantization(Transform):
-    """W8A7 on real int8 kernels, calibrated on ``calibration`` (see the module docstring).
+    """W7A8 on real int8 kernels, calibrated on ``calibration`` (see the module docstring).
 
     The first application quantizes and calibrates; :meth:`save` writes the result and :meth:`load`
     applies it without calibration data, to any model of the same architecture.
@@ -117,7 +172,7 @@ class Int8Quantization(Transform):
 
     name = "int8"
 
-    def __init__(self, calibration: CalibrationSet | None = None, temporal_cache: bool = True):
+    def __init__(self, calibration: CalibrationSet | None = None, temporal_cache: bool | None = None):
         self.calibration, self.temporal_cache = calibration, temporal_cache
         self.tensors: dict[str, torch.Tensor] = {}
         self.kinds: dict[str, str] = {}  # module name -> "int8" (kernel), "weight" (int8-stored), "float"
@@ -128,13 +183,14 @@ class Int8Quantization(Transform):
 
     def attach(self, model_fn: ModelFunction) -> None:
         owners = stored_modules(model_fn)
-        time_path = time_path_layers(model_fn) if self.temporal_cache else {}
+        time_path = time_path_layers(model_fn) if self.temporal_cache or (
+            self.temporal_cache is None and has_time_embedding(model_fn)) else {}
         if not self.tensors:
             self.tensors, self.kinds = self._quantize(model_fn, owners)
         self._check(owners, dict(model_fn.named_parameters()))
-        computes = {}
+        computes, scratch = {}, Scratch()
         for name, module in owners.items():
-            hook = self._hook(name, module)
+            hook = self._hook(name, module, scratch)
             if name in time_path:
                 computes[name] = hook.new_forward
             elif isinstance(module, nn.Conv2d | nn.Linear):
@@ -144,19 +200,23 @@ class Int8Quantization(Transform):
         if time_path:
             cache_time_path(model_fn, self.name, computes, self.temporal)
 
-    def _hook(self, name: str, module: nn.Module) -> LayerOverride:
+    def _hook(self, name: str, module: nn.Module, scratch: Scratch) -> ModelHook:
         t, kind = self.tensors, self.kinds[name]
+        if not isinstance(module, STORED):
+            return StoredParameters({key: t[f"{name}.{key}"] for key, _ in module.named_parameters(recurse=False)})
         bias = t.get(f"{name}.bias")
         if kind == "int8":
             return Int8Conv(module, t[f"{name}.weight"], t[f"{name}.weight_scale"], bias,
-                            float(t[f"{name}.input_scale"]), int(t[f"{name}.input_zero"]))
+                            float(t[f"{name}.input_scale"]), int(t[f"{name}.input_zero"]), scratch)
         weight = t.get(f"{name}.weight")
         if kind == "weight":
             weight = weight.float() * t[f"{name}.weight_scale"].reshape((-1,) + (1,) * (weight.ndim - 1))
         return StoredLayer(weight, bias)
 
     def _check(self, owners: dict[str, nn.Module], params: dict[str, torch.Tensor]) -> None:
-        stored = {k: v for k, v in self.tensors.items() if not k.endswith(("_scale", "_zero"))}
+        quantized = {name for name, kind in self.kinds.items() if kind != "float"}
+        stored = {k: v for k, v in self.tensors.items()  # the parameters, without the quantized layers' steps
+                  if not (k.rpartition(".")[0] in quantized and k.rpartition(".")[2] in QUANTIZATION_KEYS)}
         expected = {k: tuple(v.shape) for k, v in params.items()}
         if {k: tuple(v.shape) for k, v in stored.items()} != expected or set(self.kinds) != set(owners) or any(
                 kind == "int8" and not runs_int8(owners[name]) for name, kind in self.kinds.items()):
@@ -168,12 +228,15 @@ class Int8Quantization(Transform):
     @torch.no_grad()
     def _quantize(self, model_fn: ModelFunction, owners: dict[str, nn.Module]
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        first = next(iter(weight_layers(model_fn)), None)
+        # the first convolution (conv_in) reads the sampler's state and the condition: its float input keeps
+        # the model's precision (quantized, it alone cost the reversible U-Net most of its int8 error)
+        first = next((name for name, m in weight_layers(model_fn).items() if isinstance(m, nn.Conv2d)), None)
         kernel = {name for name, m in owners.items() if runs_int8(m) and name != first}
         if kernel and (self.calibration is None or not self.calibration.inputs):
             raise TransformError("int8 has no calibration inputs; record them with record_model_inputs")
         ptq = PostTrainingQuantization(self.calibration, 8, ACT_BITS, split_shortcut=False, head_stem_bits=None,
-                                       symmetric_weights=True, quantized_input=lambda name, layer: name in kernel)
+                                       symmetric_weights=True, quantized_input=lambda name, layer: name in kernel,
+                                       layer_bits=dict.fromkeys(kernel, KERNEL_WEIGHT_BITS))
         layers = ptq.quantize_layers(model_fn) if any(isinstance(m, nn.Conv2d | nn.Linear) for m in owners.values()) \
             else {}
         tensors, kinds = {}, {}
@@ -184,7 +247,7 @@ class Int8Quantization(Transform):
             if name not in layers:
                 continue
             q = layers[name]
-            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = signed_weight(q.codes, q.weight_ranges, 8)
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = signed_weight(q.codes, q.weight_ranges, q.bits)
             kinds[name] = "weight"
             if name in kernel and q.act_ranges is not None:  # layers the model never ran keep a float input
                 lo, hi = q.act_ranges[0, 0].clamp(max=0), q.act_ranges[0, 1].clamp(min=0)
@@ -200,11 +263,13 @@ class Int8Quantization(Transform):
         return write_transform_file(path, self.tensors, METADATA_KEY, {"act_bits": ACT_BITS, "kinds": self.kinds})
 
     @classmethod
-    def load(cls, path: str | Path, temporal_cache: bool = True) -> Int8Quantization:
+    def load(cls, path: str | Path, temporal_cache: bool | None = None) -> Int8Quantization:
         """An int8 model written by :meth:`save`, ready to apply without calibration."""
         meta, tensors = read_transform_file(path, METADATA_KEY, "medidiff int8 file", "Int8Quantization.save")
         if meta.get("act_bits") != ACT_BITS:
-            raise TransformError(f"{path}: int8 file with {meta.get('act_bits')}-bit inputs; expected {ACT_BITS}")
+            raise TransformError(f"{path}: int8 file with {meta.get('act_bits')}-bit inputs, made by an older medidiff; "
+                                 f"this one runs {ACT_BITS}-bit inputs: make the file again with "
+                                 "Int8Quantization(calibration).save")
         transform = cls(None, temporal_cache)
         transform.tensors, transform.kinds, transform.source = tensors, meta["kinds"], str(path)
         return transform

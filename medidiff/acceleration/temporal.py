@@ -22,15 +22,29 @@ from medidiff.methods.base import ModelFunction
 MAX_TIMESTEPS = 4096  # kept timesteps; beyond that (a sampler with continuous timesteps) the cache starts over
 
 
+def _diffusers_unets(model_fn: nn.Module) -> list[nn.Module]:
+    return [m for m in model_fn.modules() if hasattr(m, "time_embedding") and hasattr(m, "up_blocks")]
+
+
+def _labelled(unet: nn.Module) -> bool:
+    return getattr(unet, "class_embedding", None) is not None or getattr(unet, "add_embedding", None) is not None
+
+
+def has_time_embedding(model_fn: nn.Module) -> bool:
+    """Whether ``model_fn`` holds a diffusers UNet whose time embedding depends on the timestep alone."""
+    unets = _diffusers_unets(model_fn)
+    return bool(unets) and not any(_labelled(u) for u in unets)
+
+
 def time_path_layers(model_fn: nn.Module) -> dict[str, nn.Module]:
     """The Linear layers of the diffusers UNet's time path, by qualified name; refuses a UNet whose
     time embedding also mixes in class labels or other conditions (it would not depend on t alone)."""
-    unets = [m for m in model_fn.modules() if hasattr(m, "time_embedding") and hasattr(m, "up_blocks")]
+    unets = _diffusers_unets(model_fn)
     if not unets:
         raise TransformError(f"temporal cache needs a diffusers UNet with a time_embedding; "
                              f"{type(model_fn).__name__} has none")
     for unet in unets:
-        if getattr(unet, "class_embedding", None) is not None or getattr(unet, "add_embedding", None) is not None:
+        if _labelled(unet):
             raise TransformError("temporal cache: this UNet's time embedding also depends on class labels or added "
                                  "conditions; switch the temporal cache off (temporal_cache=False)")
     ids = {id(m) for unet in unets for m in unet.time_embedding.modules()}
