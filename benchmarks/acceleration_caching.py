@@ -1,7 +1,7 @@
 """Feature caching, structured pruning and real int8 on the shipped models: seconds per image and quality.
 
 ``python benchmarks/acceleration_caching.py bs_ldm [--images 4]`` (BS-LDM, 256x256 phantoms, DDPM 50
-steps; ``--per-call``: the milliseconds of single UNet calls instead) or ``... ct_denoise [--images 3]
+steps; ``--per-call``, for either model: the CPU milliseconds of single model calls instead) or ``... ct_denoise [--images 3]
 [--size 256]`` (the CT-denoising ResShift T=15 model on the centre ``size`` x ``size`` of the held-out
 slices of other patients, ``restoration_images.held_out_pairs``). Rows are timed as in
 ``benchmarks/acceleration.py`` (its ``run_all``: rows take turns image by image, the fastest image,
@@ -71,25 +71,39 @@ def rows_for(model: str, calibration) -> dict[str, list]:
     return rows
 
 
-def per_call(model_fn, shape: tuple[int, ...], rows: dict[str, list], calls: int = 6, repeats: int = 15) -> None:
-    """Milliseconds of each of ``calls`` consecutive model calls (timesteps 999, 979, ...) under each row,
-    the fastest of ``repeats`` interleaved repetitions: the cost of a key, a cached and a batched step."""
+def per_call(model_fn, shape: tuple[int, ...], timesteps: list[int], rows: dict[str, list], repeats: int = 15) -> None:
+    """CPU milliseconds (this thread's) of consecutive model calls at ``timesteps`` under each row, the
+    fastest of ``repeats`` interleaved repetitions: the cost of a key, a cached and a batched step."""
     x, condition = torch.randn(shape), torch.randn(shape)
-    best = {name: [float("inf")] * calls for name in rows}
-    for _ in range(repeats):
-        for name, transforms in rows.items():
-            with applied(model_fn, *transforms):
-                for _ in range(2):  # the second run knows the timesteps (parallel decoding)
-                    model_fn.reset_hooks()
-                    for i in range(calls):
-                        start = time.perf_counter()
-                        model_fn(x, torch.tensor([999 - 20 * i]), condition)
-                        best[name][i] = min(best[name][i], 1000 * (time.perf_counter() - start))
+    best = {name: [float("inf")] * len(timesteps) for name in rows}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, transforms in rows.items():
+                with applied(model_fn, *transforms):
+                    for _ in range(2):  # the second run knows the timesteps (parallel decoding)
+                        model_fn.reset_hooks()
+                        for i, t in enumerate(timesteps):
+                            start = time.thread_time()
+                            model_fn(x, torch.tensor([t]), condition)
+                            best[name][i] = min(best[name][i], 1000 * (time.thread_time() - start))
     full = sum(best["baseline"])
-    print(f"| configuration | {' | '.join(f'call {i}' for i in range(calls))} | sum | vs full |")
-    print("|---|" + "---|" * (calls + 2))
+    print(f"| configuration | {' | '.join(f'call {i}' for i in range(len(timesteps)))} | sum | vs full |")
+    print("|---|" + "---|" * (len(timesteps) + 2))
     for name, ms in best.items():
         print(f"| {name} | {' | '.join(f'{m:.1f}' for m in ms)} | {sum(ms):.1f} | {full / sum(ms):.2f}x |")
+
+
+def per_call_rows(model: str, calibration) -> dict[str, list]:
+    """The rows of ``--per-call``: caching, pruning and int8 alone and combined."""
+    int8 = Int8Quantization(calibration)
+    rows = {"baseline": [], "DeepCache N=3": [DeepCache(interval=3)], "DeepCache N=5": [DeepCache(interval=5)],
+            "int8 W7A8": [int8], "DeepCache N=3 + int8": [DeepCache(interval=3), int8],
+            "DeepCache N=5 + int8": [DeepCache(interval=5), int8],
+            **{f"channel pruning {s:.0%}": [ChannelPruning(s)] for s in (0.25, 0.5)}}
+    if model == "bs_ldm":
+        rows |= {"Faster Diffusion N=3, parallel": [FasterDiffusion(interval=3)],
+                 "Faster Diffusion N=3, sequential": [FasterDiffusion(interval=3, parallel=1)]}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,19 +113,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--size", type=int, default=256, help="ct_denoise: the centre crop's size (256 or 512)")
     p.add_argument("--rows", help="only rows whose name contains one of these, separated by ';' (and the baseline)")
-    p.add_argument("--per-call", action="store_true", help="BS-LDM: the cost of single model calls instead")
+    p.add_argument("--per-call", action="store_true", help="the CPU time of single model calls instead")
+    p.add_argument("--repeats", type=int, default=15, help="--per-call: interleaved repetitions (the fastest counts)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    if a.per_call:
-        rows = {"baseline": [], "DeepCache N=3": [DeepCache(interval=3)],
-                "Faster Diffusion N=3, parallel": [FasterDiffusion(interval=3)],
-                "Faster Diffusion N=3, sequential": [FasterDiffusion(interval=3, parallel=1)],
-                **{f"channel pruning {s:.0%}": [ChannelPruning(s)] for s in (0.25, 0.5)}}
-        return per_call(BSLDM.from_pretrained().model_fn, (1, 4, 64, 64), rows)
     method, inputs, truth, cal_inputs = load(a.model, a.images, a.size)
     start = time.perf_counter()
     calibration = record_model_inputs(method.model_fn, lambda: [method(x) for x in cal_inputs.split(1)], every=5)
     calibration_seconds = time.perf_counter() - start
+    if a.per_call:  # the first six timesteps of the model's sampler; BS-LDM: latents of a 512x512 image
+        run = record_model_inputs(method.model_fn, lambda: method(cal_inputs[:1]), every=1)
+        timesteps = [int(t) for _, t, _ in run.inputs][:6]
+        shape = (1, 4, 64, 64) if a.model == "bs_ldm" else (1, 1, a.size, a.size)
+        return per_call(method.model_fn, shape, timesteps, per_call_rows(a.model, calibration), a.repeats)
     rows = rows_for(a.model, calibration)
     if a.rows:
         rows = {n: t for n, t in rows.items() if n == "baseline" or any(w in n for w in a.rows.split(";"))}
