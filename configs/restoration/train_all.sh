@@ -30,6 +30,8 @@ ship ct_denoise resshift & ship ct_denoise regression & wait
 ship xray_sr4 regression
 keep xray_sr4 regression 15min
 ship xray_sr4 resshift & ship xray_sr4 regression --max-minutes 45 & wait
+# resumed a session later (2026-11-27, the two runs alone on the machine): +30 minutes each
+ship xray_sr4 resshift --max-minutes 60 & ship xray_sr4 regression --max-minutes 75 & wait
 # the one-step student of the CT ResShift teacher (400 steps; distilled again, --fresh, from the 1776-step
 # teacher); ResShift T = 15 for the 4-vs-15-step comparison
 # (15 minutes, later resumed to 30: ship ct_denoise resshift15 --max-minutes 30)
