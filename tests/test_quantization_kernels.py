@@ -24,6 +24,7 @@ from medidiff.acceleration.calibration import CalibrationSet
 from medidiff.acceleration.fake_quant import (
     fake_quantize,
     quantize_codes,
+    scale_zero,
     weight_codes,
     weight_from_codes,
     weight_ranges,
@@ -36,7 +37,7 @@ from medidiff.acceleration.float_formats import (
     layer_inputs,
 )
 from medidiff.acceleration.group_quant import GroupQuantization, group_quantize
-from medidiff.acceleration.int8 import ACT_BITS
+from medidiff.acceleration.int8 import ACT_BITS, quantize_input
 from medidiff.acceleration.layers import weight_layers
 from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
 from medidiff.acceleration.temporal import time_path_layers
@@ -98,6 +99,19 @@ def test_int8_kernel_computes_its_simulation(model_fn, int8):
         real = conv(x)
     assert rel_err(real, simulated) < 1e-5  # integer arithmetic: only the float rescaling differs
     assert 1e-4 < rel_err(real, conv(x)) < 0.05  # and it is not the float layer
+
+
+def test_int8_input_quantization_gives_the_simulations_codes_in_channels_last_order():
+    lo, hi = torch.tensor(-1.5), torch.tensor(2.0)
+    scale, zero = scale_zero(lo, hi, ACT_BITS)
+    x = torch.randn(2, 8, 9, 7) * 2  # beyond the range at both ends: clipped codes too
+    for layout in (x, x.contiguous(memory_format=torch.channels_last), x[:, ::2]):
+        before = layout.clone()
+        codes = quantize_input(layout, float(scale), int(zero))
+        assert codes.dtype == torch.uint8 and codes.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(codes.float(), quantize_codes(layout, lo, hi, ACT_BITS))
+        assert codes.min() == 0 and codes.max() == 2**ACT_BITS - 1
+        assert torch.equal(layout, before)  # the input is left alone
 
 
 def test_int8_stays_close_to_float_and_removes_without_a_trace(model_fn, baseline, int8):

@@ -12,7 +12,7 @@ less to the seventh bit than per-tensor inputs do. The other Conv/Linear layers 
 attention, where int8 kernels measured slower than float on this CPU; ``conv_in``, which reads the
 sampler's state) keep float kernels on 8-bit-stored weights. Every convolution works in channels-last
 order (the order oneDNN computes in; sums of tensors in mixed orders are several times slower), and the
-kernel's input is quantized into a per-thread scratch buffer. With ``temporal_cache`` (TFMQ-DM, on by
+kernel's input is quantized in one pass by PyTorch's per-tensor quantizer (:func:`quantize_input`). With ``temporal_cache`` (TFMQ-DM, on by
 default where the model is a diffusers UNet with a time embedding) the time-embedding path keeps float
 activations on its own int8 weights and its features are kept per timestep
 (:mod:`medidiff.acceleration.temporal`). Other modules' own parameters (the scalar coupling weights of the
@@ -26,6 +26,7 @@ float32 steps, float32 biases and norm parameters, and the input ranges; applied
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,30 +76,24 @@ def _check_kernels() -> None:
         raise TransformError("int8 needs PyTorch built with oneDNN (mkldnn); simulate it with PostTrainingQuantization")
 
 
-class Scratch(threading.local):
-    """Per-thread buffers for the kernels' quantized inputs, by input shape and strides (one application's)."""
-
-    def __init__(self):
-        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A float buffer like ``x`` and a channels-last uint8 buffer of its shape."""
-        key = (tuple(x.shape), x.stride())
-        if key not in self.buffers:
-            self.buffers[key] = (torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8,
-                                                                  memory_format=torch.channels_last))
-        return self.buffers[key]
+def quantize_input(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
+    """``x / scale + zero`` rounded and clipped to 0..255, as the plain channels-last uint8 tensor the kernel
+    reads: PyTorch's vectorised per-tensor quantizer in one pass (5x faster than rounding and clipping in
+    float, then converting), its quint8 storage viewed as uint8."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings():  # quint8 tensors are deprecated in PyTorch; the kernel input is plain uint8
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
+        q = torch.quantize_per_tensor(x, scale, zero, torch.quint8)
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
 class Int8Conv(LayerOverride):
     """A Conv2d on oneDNN's int8 kernel: 8-bit input (step, zero point), 7-bit weight, float output."""
 
     def __init__(self, layer: nn.Conv2d, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: float, input_zero: int, scratch: Scratch):
+                 input_scale: float, input_zero: int):
         super().__init__()
         self.scale, self.bias, self.input_scale, self.input_zero = scale, bias, input_scale, input_zero
-        self.zero_point = torch.tensor(float(input_zero))
-        self.scratch = scratch
         self.zeros = torch.zeros(len(scale), dtype=torch.int64)
         self.args = (list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups)
         self.packed = torch.ops.onednn.qconv_prepack(weight, scale, input_scale, input_zero, *self.args, None)
@@ -106,9 +101,7 @@ class Int8Conv(LayerOverride):
     def new_forward(self, module, x):
         if x.ndim != 4:
             raise TransformError(f"int8 convolution expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-        values, codes = self.scratch.get(x)  # x / step + zero, rounded and clipped, without new allocations
-        torch.add(self.zero_point, x, alpha=1.0 / self.input_scale, out=values)
-        codes.copy_(values.round_().clamp_(0, 2**ACT_BITS - 1))
+        codes = quantize_input(x, self.input_scale, self.input_zero)
         return torch.ops.onednn.qconv_pointwise(codes, self.input_scale, self.input_zero, self.packed, self.scale,
                                                 self.zeros, self.bias, *self.args, 1.0, 0, torch.float32, "none", [], "")
 
@@ -188,9 +181,9 @@ class Int8Quantization(Transform):
         if not self.tensors:
             self.tensors, self.kinds = self._quantize(model_fn, owners)
         self._check(owners, dict(model_fn.named_parameters()))
-        computes, scratch = {}, Scratch()
+        computes = {}
         for name, module in owners.items():
-            hook = self._hook(name, module, scratch)
+            hook = self._hook(name, module)
             if name in time_path:
                 computes[name] = hook.new_forward
             elif isinstance(module, nn.Conv2d | nn.Linear):
@@ -200,14 +193,14 @@ class Int8Quantization(Transform):
         if time_path:
             cache_time_path(model_fn, self.name, computes, self.temporal)
 
-    def _hook(self, name: str, module: nn.Module, scratch: Scratch) -> ModelHook:
+    def _hook(self, name: str, module: nn.Module) -> ModelHook:
         t, kind = self.tensors, self.kinds[name]
         if not isinstance(module, STORED):
             return StoredParameters({key: t[f"{name}.{key}"] for key, _ in module.named_parameters(recurse=False)})
         bias = t.get(f"{name}.bias")
         if kind == "int8":
             return Int8Conv(module, t[f"{name}.weight"], t[f"{name}.weight_scale"], bias,
-                            float(t[f"{name}.input_scale"]), int(t[f"{name}.input_zero"]), scratch)
+                            float(t[f"{name}.input_scale"]), int(t[f"{name}.input_zero"]))
         weight = t.get(f"{name}.weight")
         if kind == "weight":
             weight = weight.float() * t[f"{name}.weight_scale"].reshape((-1,) + (1,) * (weight.ndim - 1))
