@@ -69,9 +69,10 @@ def runs_int8(layer: nn.Module) -> bool:
 def _check_kernels() -> None:
     try:
         torch.ops.onednn.qconv_pointwise  # noqa: B018 (looking the operator up is the check)
+        quantize_input(torch.zeros(1, 1, 1, 1), 1.0, 0)  # the per-tensor quantizer (deprecated in PyTorch)
     except (AttributeError, RuntimeError):
-        raise TransformError("int8 needs PyTorch's oneDNN int8 convolution (an x86 CPU build); simulate it with "
-                             "PostTrainingQuantization instead") from None
+        raise TransformError("int8 needs PyTorch's oneDNN int8 convolution and per-tensor quantizer (an x86 CPU "
+                             "build of the pinned torch); simulate it with PostTrainingQuantization instead") from None
     if not torch.backends.mkldnn.is_available():
         raise TransformError("int8 needs PyTorch built with oneDNN (mkldnn); simulate it with PostTrainingQuantization")
 
