@@ -5,7 +5,8 @@ scores the variants that :data:`VARIANTS` lists for the task, plus other trained
 method (``--ablation``: a label and the path stem of their exported weights), on ``--data``
 (default: the phantom's held-out TEST seeds at 256 px, never used in training) with
 :func:`~medidiff.evaluation.evaluate.compare_methods`, writes ``<out-name>.json`` / ``<out-name>.md``
-into the model folder and refreshes its model card.
+into the model folder and refreshes its model card. ``--only WORDS`` re-measures the rows whose label
+contains one of the ';'-separated words and keeps the table's other rows (same ``--data`` only).
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def bone_suppression_variants(folder: Path, n: int, ddpm_n: int, ablations: dict
     return variants
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` in its order with the rows of the methods in ``new`` replaced; new methods at the end."""
+    fresh = {r["method"]: r for r in new}
+    kept = [fresh.pop(r["method"], r) for r in old]
+    return kept + list(fresh.values())
+
+
+def _rows_to_keep(path: Path, spec: str) -> list[dict]:
+    """The rows of the table at ``path``, which must have been measured on ``spec``."""
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if table.get("data") != spec:
+        raise ValueError(f"--only keeps the other rows of {path}, but that table "
+                         f"{'was measured on ' + repr(table['data']) if table else 'does not exist'}; "
+                         f"run without --only to measure every row on {spec}")
+    return table["rows"]
+
+
 # task -> (model folder, n, n for the slowest variant, {label: weights stem}) -> variants
 VARIANTS: dict[str, Callable[[Path, int, int, dict[str, Path]], dict[str, tuple[Method, int]]]] = {
     "bone_suppression": bone_suppression_variants,
@@ -71,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=STEM",
                    help="another trained model of the method, e.g. 'trained on the phantom only="
                         "~/.cache/medidiff/runs/bs_ldm_phantom/ldm_phantom' (repeatable)")
+    p.add_argument("--only", metavar="WORDS", help="re-measure only the rows whose label contains one of these "
+                   "';'-separated words, e.g. 'identity;regression'; the table's other rows are kept")
     a = p.parse_args(argv)
     if any("=" not in item for item in a.ablation):
         p.error("--ablation takes LABEL=STEM, the label of a row and the path of weights without .safetensors")
@@ -80,7 +100,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     folder = a.models or model_dir(a.task)
     spec = a.data or f"synthetic-cxr:test:{a.n}:256"
-    rows = compare_methods(VARIANTS[a.task](folder, a.n, a.ddpm_n, ablations), load_data(spec), TASKS[a.task])
+    try:
+        kept = _rows_to_keep(folder / f"{a.out_name}.json", spec) if a.only else []
+    except ValueError as e:
+        p.error(str(e))
+    variants = VARIANTS[a.task](folder, a.n, a.ddpm_n, ablations)
+    if a.only:
+        variants = {label: v for label, v in variants.items() if any(w in label for w in a.only.split(";"))}
+        if not variants:
+            p.error(f"--only {a.only!r} matches no row; the rows are: {', '.join(r['method'] for r in kept)}")
+    rows = merge_rows(kept, compare_methods(variants, load_data(spec), TASKS[a.task]))
     note = (f"{', '.join(TASKS[a.task].metrics).upper()} on [0,1] floats; s/img = CPU seconds per image "
             f"({a.threads} threads, batch 25).")
     with atomic_write(folder / f"{a.out_name}.json") as tmp:
