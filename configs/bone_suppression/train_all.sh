@@ -18,3 +18,5 @@ train $C/vqgan.yaml --export models/bone_suppression
 train $C/ldm.yaml --export models/bone_suppression & ldm=$!
 train $C/regression.yaml --export models/bone_suppression & regression=$!
 wait $ldm; wait $regression
+# the regression baseline trained on from that run's weights, 40 minutes on one CPU core (a session later)
+OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.train $C/regression_resumed.yaml --export models/bone_suppression
