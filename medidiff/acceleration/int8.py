@@ -12,10 +12,10 @@ less to the seventh bit than per-tensor inputs do. The other Conv/Linear layers 
 attention, where int8 kernels measured slower than float on this CPU; ``conv_in``, which reads the
 sampler's state) keep float kernels on 8-bit-stored weights. Every convolution works in channels-last
 order (the order oneDNN computes in; sums of tensors in mixed orders are several times slower), and the
-kernel's input is quantized in one pass by PyTorch's per-tensor quantizer (:func:`quantize_input`). With ``temporal_cache`` (TFMQ-DM, on by
-default where the model is a diffusers UNet with a time embedding) the time-embedding path keeps float
-activations on its own int8 weights and its features are kept per timestep
-(:mod:`medidiff.acceleration.temporal`). Other modules' own parameters (the scalar coupling weights of the
+kernel's input is quantized in one pass by PyTorch's per-tensor quantizer (:func:`quantize_input`). With
+``temporal_cache`` (TFMQ-DM, on by default where the model is a diffusers UNet with a time embedding) the
+time-embedding path keeps float activations on its own int8 weights and its features are kept per
+timestep (:mod:`medidiff.acceleration.temporal`). Other modules' own parameters (the scalar coupling weights of the
 reversible U-Net) are stored in float32 and used in place of the model's.
 
 The file (:meth:`Int8Quantization.save`) holds every parameter of the model: int8 weights with their
