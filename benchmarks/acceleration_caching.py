@@ -1,14 +1,14 @@
 """Feature caching, structured pruning and real int8 on the shipped models: seconds per image and quality.
 
 ``python benchmarks/acceleration_caching.py bs_ldm [--images 4]`` (BS-LDM, 256x256 phantoms, DDPM 50
-steps; ``--per-call``, for either model: the CPU milliseconds of single model calls instead) or ``... ct_denoise [--images 3]
-[--size 256]`` (the CT-denoising ResShift T=15 model on the centre ``size`` x ``size`` of the held-out
-slices of other patients, ``restoration_images.held_out_pairs``). Rows are timed as in
+steps) or ``... TASK [--images 3] [--size 256]`` for a restoration task (``ct_denoise``: the ResShift
+T=15 model; ``mr_sr2``, ``mr_sr4``, ``xray_sr4``: ResShift T=4) on the centre ``size`` x ``size`` of its
+held-out images (``restoration_images.held_out_pairs``: slices and images of other patients);
+``--per-call``, for any model: the CPU milliseconds of single model calls instead. Rows are timed as in
 ``benchmarks/acceleration.py`` (its ``run_all``: rows take turns image by image, the fastest image,
 whole and inside the model function). Structured pruning's refit and int8 are calibrated on other images
-(BS-LDM: validation phantoms; CT: training patches), model inputs recorded every 5th step; "inner channels" is
-the fraction of the residual blocks' inner channels that still run.
-"""
+(BS-LDM: validation phantoms; restoration: training patches), model inputs recorded every 5th step;
+"inner channels" is the fraction of the residual blocks' inner channels that still run."""
 
 from __future__ import annotations
 
@@ -35,19 +35,28 @@ from medidiff.metrics import psnr, ssim
 from medidiff.resources import model_dir
 
 PAPER_KEY_STEPS = [0, 1, 2, 3, 5, 10, 15, 25, 35]  # Faster Diffusion's key steps for 50-step SD sampling
+RESTORATION_WEIGHTS = {"ct_denoise": "resshift15"}  # the weights measured per task (else ResShift T = 4)
+RESTORATION_TASKS = ("ct_denoise", "mr_sr2", "mr_sr4", "xray_sr4")
 
 
 def load(model: str, count: int, size: int = 256):
-    """(method, test inputs, truths, calibration inputs) for ``model`` (CT: centre crops of ``size``)."""
+    """(method, test inputs, truths, calibration inputs) for ``model`` (restoration: centre crops of ``size``)."""
     if model == "bs_ldm":
         cxr, soft = pairs(list(chest_phantom.TEST_SEEDS)[:count])
         return BSLDM.from_pretrained(), cxr, soft, pairs(list(chest_phantom.VAL_SEEDS)[:2])[0]
-    method = Restoration.from_pretrained(model_dir("restoration") / "ct_denoise", "resshift15")
-    held = [(clean, noisy) for _, clean, noisy in images.held_out_pairs("ct_denoise") if min(clean.shape[-2:]) >= size]
-    crop = [tuple(t[..., (t.shape[-2] - size) // 2:][..., :size, (t.shape[-1] - size) // 2:][..., :size] for t in pair)
-            for pair in held[:count]]
-    _, calibration = images.training_pairs("ct_denoise", 2, 256, np.random.default_rng(0))
-    return method, torch.cat([n for _, n in crop]), torch.cat([c for c, _ in crop]), calibration
+    method = Restoration.from_pretrained(model_dir("restoration") / model, RESTORATION_WEIGHTS.get(model, "resshift"))
+    held = [centre(clean, low, size) for _, clean, low in images.held_out_pairs(model) if min(clean.shape[-2:]) >= size]
+    _, calibration = images.training_pairs(model, 2, 256, np.random.default_rng(0))
+    return method, torch.cat([low for _, low in held[:count]]), torch.cat([clean for clean, _ in held[:count]]), calibration
+
+
+def centre(clean: torch.Tensor, low: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre ``size`` x ``size`` of ``clean`` and the same region of its degraded ``low`` (SR: a
+    scale times smaller, cut on its own grid)."""
+    scale, low_size = clean.shape[-1] // low.shape[-1], size * low.shape[-1] // clean.shape[-1]
+    top, left = ((d - low_size) // 2 for d in low.shape[-2:])
+    return (clean[..., top * scale:(top + low_size) * scale, left * scale:(left + low_size) * scale],
+            low[..., top:top + low_size, left:left + low_size])
 
 
 def rows_for(model: str, calibration) -> dict[str, list]:
@@ -108,10 +117,10 @@ def per_call_rows(model: str, calibration) -> dict[str, list]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model", choices=["bs_ldm", "ct_denoise"])
+    p.add_argument("model", choices=["bs_ldm", *RESTORATION_TASKS])
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--size", type=int, default=256, help="ct_denoise: the centre crop's size (256 or 512)")
+    p.add_argument("--size", type=int, default=256, help="restoration: the centre crop's size (256 or 512)")
     p.add_argument("--rows", help="only rows whose name contains one of these, separated by ';' (and the baseline)")
     p.add_argument("--per-call", action="store_true", help="the CPU time of single model calls instead")
     p.add_argument("--repeats", type=int, default=15, help="--per-call: interleaved repetitions (the fastest counts)")

@@ -18,7 +18,8 @@ under its own name and is removed again without a trace::
 - :class:`PostTrainingQuantization`: Q-Diffusion-style fake quantization (``quantization``),
   calibrated on :func:`record_model_inputs` (inputs recorded across sampling timesteps).
 - :class:`Int8Quantization`: real int8 kernels (oneDNN, x86 CPU) and a self-contained int8 file
-  (``int8``), with TFMQ-DM's temporal feature cache.
+  (``int8``), with TFMQ-DM's temporal feature cache; :class:`ShippedInt8`: the int8 model shipped beside
+  a model's weights (``int8: {}``, made by ``python -m medidiff.acceleration.make_int8``).
 - :class:`FloatWeightQuantization`: FP8 / FP4 weights with AdaRound learned rounding (simulated);
   :func:`layer_sensitivity` + :func:`mixed_bits`: MixDQ-style per-layer weight bits;
   :class:`GroupQuantization`: DGQ-style group-wise weights with outliers kept (simulated).
@@ -49,7 +50,7 @@ from medidiff.acceleration.distillation import EfficientDM, QuEST
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
 from medidiff.acceleration.float_formats import FloatWeightQuantization
 from medidiff.acceleration.group_quant import GroupQuantization
-from medidiff.acceleration.int8 import Int8Quantization
+from medidiff.acceleration.int8 import Int8Quantization, ShippedInt8
 from medidiff.acceleration.mixed_precision import layer_sensitivity, mixed_bits
 from medidiff.acceleration.profiling import feature_changes, profiled_refresh_steps
 from medidiff.acceleration.pruning import MagnitudePruning
@@ -58,6 +59,6 @@ from medidiff.acceleration.spec import transforms_from_spec
 from medidiff.acceleration.transform import Transform, TransformError, applied
 
 __all__ = ["BottleneckSampling", "CacheQuant", "CalibrationSet", "ChannelPruning", "DeepCache", "DeltaDiT", "EfficientDM", "FasterDiffusion", "FloatWeightQuantization",
-           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "QuEST", "SelectiveBlockCache", "Transform", "TransformError", "applied", "block_changes",
+           "GroupQuantization", "Int8Quantization", "MagnitudePruning", "PostTrainingQuantization", "QuEST", "SelectiveBlockCache", "ShippedInt8", "Transform", "TransformError", "applied", "block_changes",
            "feature_changes", "layer_sensitivity", "mixed_bits", "profiled_block_cache", "profiled_refresh_steps", "record_model_inputs",
            "transforms_from_spec"]

@@ -39,7 +39,8 @@ class _Recorder(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if self.step % self.every == 0:
-            self.into.inputs.append(tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args[:3]))
+            x, t, condition = (*args[:3], None)[:3]  # one-pass models (the regression) take no condition
+            self.into.inputs.append(tuple(a.detach().clone() if torch.is_tensor(a) else a for a in (x, t, condition)))
         self.step += 1
         return args, kwargs
 

@@ -52,6 +52,7 @@ from medidiff.acceleration.transform import (
     write_transform_file,
 )
 from medidiff.methods.base import ModelFunction
+from medidiff.model_registry import file_sha256
 
 METADATA_KEY = "medidiff_int8"
 ACT_BITS = 8  # the kernels' inputs
@@ -171,6 +172,7 @@ class Int8Quantization(Transform):
         self.tensors: dict[str, torch.Tensor] = {}
         self.kinds: dict[str, str] = {}  # module name -> "int8" (kernel), "weight" (int8-stored), "float"
         self.source = "its first model"
+        self.made_from: str | None = None  # sha256 of the float weights file it was made from, where known
         # the time-path features kept: they depend on the timestep and this transform's weights alone,
         # so they stay valid from one application (and image) to the next
         self.temporal = TemporalFeatures()
@@ -250,11 +252,14 @@ class Int8Quantization(Transform):
                 kinds[name] = "int8"
         return tensors, kinds
 
-    def save(self, path: str | Path) -> Path:
-        """Write the int8 model (after an application) as safetensors; returns the path."""
+    def save(self, path: str | Path, made_from: Path | None = None) -> Path:
+        """Write the int8 model (after an application) as safetensors; returns the path. ``made_from``: the
+        float weights file it was made from, whose sha256 :meth:`for_weights` checks."""
         if not self.tensors:
             raise TransformError("int8: nothing to save yet; apply it to the model first")
-        return write_transform_file(path, self.tensors, METADATA_KEY, {"act_bits": ACT_BITS, "kinds": self.kinds})
+        meta = {"act_bits": ACT_BITS, "kinds": self.kinds} | (
+            {"made_from_sha256": file_sha256(made_from)} if made_from else {})
+        return write_transform_file(path, self.tensors, METADATA_KEY, meta)
 
     @classmethod
     def load(cls, path: str | Path, temporal_cache: bool | None = None) -> Int8Quantization:
@@ -266,4 +271,44 @@ class Int8Quantization(Transform):
                                  "Int8Quantization(calibration).save")
         transform = cls(None, temporal_cache)
         transform.tensors, transform.kinds, transform.source = tensors, meta["kinds"], str(path)
+        transform.made_from = meta.get("made_from_sha256")
         return transform
+
+    @classmethod
+    def for_weights(cls, weights: Path) -> Int8Quantization:
+        """The int8 model shipped beside the float ``weights`` (:func:`shipped_file`); refused when it is
+        missing or was made from other weights (the float model was retrained since)."""
+        path, remake = shipped_file(weights), f"python -m medidiff.acceleration.make_int8 {weights.with_suffix('')}"
+        if not path.is_file():
+            raise TransformError(f"no int8 model ships beside {weights} ({path.name}); make it with `{remake}`, "
+                                 "or name a file: int8: {file: ...}")
+        transform = cls.load(path)
+        if transform.made_from != file_sha256(weights):
+            raise TransformError(f"{path} was made from other weights than {weights} (retrained since?); "
+                                 f"make it again with `{remake}`")
+        return transform
+
+
+def shipped_file(weights: Path) -> Path:
+    """Where the int8 model made from ``<name>.safetensors`` ships: ``<name>.int8.safetensors`` beside it."""
+    return weights.with_name(f"{weights.stem}.int8.safetensors")
+
+
+class ShippedInt8(Transform):
+    """int8 from the file shipped beside the weights of whichever model it is applied to
+    (``accelerate: {int8: {}}``): :meth:`Int8Quantization.for_weights` of ``model_fn.weights_file``,
+    read once per weights file."""
+
+    name = Int8Quantization.name
+
+    def __init__(self):
+        self.loaded: dict[Path, Int8Quantization] = {}
+
+    def attach(self, model_fn: ModelFunction) -> None:
+        weights = model_fn.weights_file
+        if weights is None:
+            raise TransformError("int8 without a file needs a model loaded from its weights file (from_pretrained); "
+                                 "name an int8 file instead: int8: {file: ...}")
+        if weights not in self.loaded:
+            self.loaded[weights] = Int8Quantization.for_weights(weights)
+        self.loaded[weights].attach(model_fn)

@@ -1,6 +1,7 @@
 """Transforms from a pipeline stage's ``accelerate:`` mapping, e.g. ``{deepcache: {interval: 3}}``;
 quantization comes from a file written by :meth:`PostTrainingQuantization.save`: ``{quantization: {file: q.safetensors}}``,
-real int8 from one written by :meth:`Int8Quantization.save`: ``{int8: {file: unet-int8.safetensors}}``."""
+real int8 from one written by :meth:`Int8Quantization.save`: ``{int8: {file: unet-int8.safetensors}}``, or
+``{int8: {}}``: the int8 model shipped beside the stage's model (:class:`ShippedInt8`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from medidiff.acceleration.distillation import EfficientDM, QuEST
 from medidiff.acceleration.faster_diffusion import FasterDiffusion
 from medidiff.acceleration.float_formats import FloatWeightQuantization
 from medidiff.acceleration.group_quant import GroupQuantization
-from medidiff.acceleration.int8 import Int8Quantization
+from medidiff.acceleration.int8 import Int8Quantization, ShippedInt8
 from medidiff.acceleration.pruning import MagnitudePruning
 from medidiff.acceleration.quantization import PostTrainingQuantization
 from medidiff.acceleration.transform import Transform, TransformError
@@ -36,6 +37,9 @@ def transforms_from_spec(spec: dict | None) -> list[Transform]:
         raise TransformError(f"accelerate is {spec!r}; expected a mapping such as {{deepcache: {{interval: 3}}}}")
     transforms = []
     for name, options in spec.items():
+        if name == "int8" and options in (None, {}):
+            transforms.append(ShippedInt8())
+            continue
         if name in FROM_FILE:
             if not isinstance(options, dict) or set(options) != {"file"}:
                 raise TransformError(f"{name} takes {{file: <path>}}: a quantization made from calibration data "

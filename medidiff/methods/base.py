@@ -29,11 +29,14 @@ from medidiff.io.atomic import atomic_write
 
 
 class ModelFunction(nn.Module):
-    """``forward(x, t, condition) -> output`` around a network ``net``; subclasses define the call."""
+    """``forward(x, t, condition) -> output`` around a network ``net``; subclasses define the call.
+    ``weights_file``: the ``<name>.safetensors`` that ``net`` was loaded from (``None`` when built in
+    Python), where files made from those weights ship beside it (e.g. the int8 model)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.weights_file: Path | None = None
 
     def register_hook(self, hook: ModelHook, name: str) -> None:
         """Attach a diffusers ``ModelHook`` (pre/post-forward or ``new_forward``) under ``name``."""

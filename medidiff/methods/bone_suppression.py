@@ -79,7 +79,9 @@ class BSLDM(Method):
         unet = build_noise_unet(config["model"])
         unet.load_state_dict(weights)
         vqgan, vqgan_config = load_vqgan(Path(folder) / config["vqgan"])
-        return cls(vqgan, unet, config, vqgan_config=vqgan_config, name=name)
+        method = cls(vqgan, unet, config, vqgan_config=vqgan_config, name=name)
+        method.model_fn.weights_file = Path(folder) / f"{name}.safetensors"
+        return method
 
     def networks(self):
         return {self.name: (self.model_fn.net, self.config), self.config["vqgan"]: (self.vqgan, self.vqgan_config)}

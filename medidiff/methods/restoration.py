@@ -133,7 +133,9 @@ class Restoration(Method):
         net = build_net(config)
         net.load_state_dict({k: v.float() for k, v in weights.items()})
         estimator = cls.from_pretrained(folder, "regression") if config["method"] == "upsr" else None
-        return cls(net, config, estimator)
+        method = cls(net, config, estimator)
+        method.model_fn.weights_file = Path(folder) / f"{name}.safetensors"
+        return method
 
     def networks(self):
         return {self.config["method"]: (self.model_fn.net, self.config)}
