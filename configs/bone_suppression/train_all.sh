@@ -20,3 +20,5 @@ train $C/regression.yaml --export models/bone_suppression & regression=$!
 wait $ldm; wait $regression
 # the regression baseline trained on from that run's weights, 40 minutes on one CPU core (a session later)
 OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.train $C/regression_resumed.yaml --export models/bone_suppression
+# the int8 model shipped beside the LDM (accelerate: {int8: {}}), made from its final weights (about a minute)
+OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.acceleration.make_int8 models/bone_suppression/ldm

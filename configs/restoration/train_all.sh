@@ -44,3 +44,7 @@ done
 ship ct_denoise upsr & ship ct_denoise samdiffsr & ship ct_denoise resfusion --fresh & ship ct_denoise rddm --fresh & wait
 # the small DiT (ResShift T = 15) that the transformer transforms act on (28 minutes, exported as resshift15_dit)
 ship ct_denoise dit
+# the int8 models shipped beside the regressions and CT ResShift (accelerate: {int8: {}}), made from the
+# final weights (about a minute)
+OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.acceleration.make_int8 models/restoration/{ct_denoise,mr_sr2,mr_sr4,xray_sr4}/regression \
+  models/restoration/ct_denoise/resshift

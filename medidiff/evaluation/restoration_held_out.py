@@ -3,8 +3,9 @@
 ``python -m medidiff.evaluation.restoration_held_out TASK [--models DIR] [--steps-curve]`` restores the
 task's fixed held-out pairs (:func:`medidiff.datasets.restoration_images.held_out_pairs`: images of
 other patients, never trained on) with every method saved in the task folder
-(``models/restoration/<task>/``) and the baselines (the degraded input or bicubic upsampling; TV and
-BM3D/NL-means for denoising), and writes mean PSNR / SSIM (model units, data range 1) and CPU seconds
+(``models/restoration/<task>/``), each with the int8 model shipped beside it where there is one
+(``+int8``), and the baselines (the degraded input or bicubic upsampling; TV and BM3D/NL-means for
+denoising), and writes mean PSNR / SSIM (model units, data range 1) and CPU seconds
 per image (one thread) to ``eval_held_out.json`` / ``.md`` there (card refreshed). ``--steps-curve``
 adds the PSNR of the step-flexible processes (Resfusion, RDDM) at 1, 2, 3, 5 and 10 steps.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from medidiff.acceleration import ShippedInt8, applied
+from medidiff.acceleration.int8 import shipped_file
 from medidiff.datasets.restoration_images import held_out_names, held_out_pairs, scale
 from medidiff.io.atomic import atomic_write
 from medidiff.methods.restoration import Restoration, model_names
@@ -68,6 +71,9 @@ def evaluate(task: str, folder: Path, steps_curve: bool = False) -> list[dict]:
         rows.append(score(stem, lambda lr, m=method: m.restore(lr), pairs))
         if "boundary" in method.config:  # ResShift's ODE sampler from its optimal boundary condition
             rows.append(score(f"{stem}+ode", lambda lr, m=method: m.restore(lr, boundary="optimal"), pairs))
+        if shipped_file(method.model_fn.weights_file).is_file():  # the int8 model shipped beside it
+            with applied(method.model_fn, ShippedInt8()):
+                rows.append(score(f"{stem}+int8", lambda lr, m=method: m.restore(lr), pairs))
         if steps_curve and method.config["method"] in ("resfusion", "rddm"):
             for steps in CURVE_STEPS:
                 rows.append(score(f"{stem}@{steps}", lambda lr, m=method, s=steps: m.restore(lr, steps=s), pairs))
@@ -81,7 +87,8 @@ def markdown(task: str, rows: list[dict], names: list[str]) -> str:
     lines = [f"## Held-out results: {task} ({len(names)} images never trained on)\n",
              f"Images: {'; '.join(names)}. PSNR (dB, model units, data range 1) / SSIM, mean over the images; "
              "CPU seconds per image on one thread. `name@k`: sampled with k steps; `name+ode`: "
-             "the deterministic (ODE) sampler from the model's optimal boundary condition.\n",
+             "the deterministic (ODE) sampler from the model's optimal boundary condition; `name+int8`: its shipped "
+             "int8 model (`accelerate: {int8: {}}`).\n",
              "| method | PSNR | SSIM | s / image |", "|---|---|---|---|"]
     for r in rows:
         p = f"**{r['psnr']:.2f}**" if r["psnr"] == best else f"{r['psnr']:.2f}"
