@@ -19,6 +19,8 @@ from medidiff.methods.bone_suppression import BSLDM
 from medidiff.metrics import psnr
 from medidiff.resources import model_dir
 from medidiff.stages.bone_suppression import BoneSuppression
+from medidiff.stages.registry import ParameterError
+from medidiff.stages.restoration import Denoise, SuperResolution
 
 SHIPPED = ["bone_suppression/ldm", *(f"restoration/{task}/regression" for task in ("ct_denoise", "mr_sr2", "mr_sr4",
                                                                                    "xray_sr4")),
@@ -83,3 +85,13 @@ def test_bone_suppression_stage_runs_deepcache_with_the_shipped_int8_as_document
                            accelerate={"deepcache": {"interval": 3}, "int8": {}})(item)["image"]
     assert not torch.equal(fast, plain)
     assert psnr(fast / 4000, plain / 4000).item() > 40  # 20 steps, as the pipeline (45 dB measured)
+
+
+def test_stages_refuse_int8_without_a_shipped_file_when_built(tmp_path):
+    Denoise(method="regression", accelerate={"int8": {}})  # shipped
+    SuperResolution(method="regression", scale=2, accelerate={"int8": {}})
+    with pytest.raises(ParameterError, match="accelerate .*no int8 model ships beside .*upsr.*make_int8"):
+        Denoise(method="upsr", accelerate={"int8": {}})
+    folder = copy_model(tmp_path, ["ldm.json", "ldm.safetensors", "vqgan.json", "vqgan.safetensors"])
+    with pytest.raises(ParameterError, match="accelerate .*no int8 model ships beside"):
+        BoneSuppression(model=str(folder), accelerate={"int8": {}})

@@ -304,11 +304,15 @@ class ShippedInt8(Transform):
     def __init__(self):
         self.loaded: dict[Path, Int8Quantization] = {}
 
-    def attach(self, model_fn: ModelFunction) -> None:
-        weights = model_fn.weights_file
-        if weights is None:
-            raise TransformError("int8 without a file needs a model loaded from its weights file (from_pretrained); "
-                                 "name an int8 file instead: int8: {file: ...}")
+    def prepare(self, weights: Path) -> Int8Quantization:
+        """The int8 model for the float ``weights``, read (and checked) once: a stage calls this when it
+        is built, so that a missing or stale file stops the pipeline before its first study."""
         if weights not in self.loaded:
             self.loaded[weights] = Int8Quantization.for_weights(weights)
-        self.loaded[weights].attach(model_fn)
+        return self.loaded[weights]
+
+    def attach(self, model_fn: ModelFunction) -> None:
+        if model_fn.weights_file is None:
+            raise TransformError("int8 without a file needs a model loaded from its weights file (from_pretrained); "
+                                 "name an int8 file instead: int8: {file: ...}")
+        self.prepare(model_fn.weights_file).attach(model_fn)

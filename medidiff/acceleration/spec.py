@@ -6,6 +6,8 @@ real int8 from one written by :meth:`Int8Quantization.save`: ``{int8: {file: une
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
+from pathlib import Path
 
 from medidiff.acceleration.block_caching import DeltaDiT, SelectiveBlockCache
 from medidiff.acceleration.bottleneck_sampling import BottleneckSampling
@@ -57,3 +59,13 @@ def transforms_from_spec(spec: dict | None) -> list[Transform]:
             raise TransformError(f"{name}: {e}") from None
         transforms.append(BUILDERS[name](**options))
     return transforms
+
+
+def prepare_shipped_int8(transforms: list[Transform], weights: Iterable[Path]) -> None:
+    """Read and check the shipped int8 models of the float ``weights`` files for an ``int8: {}`` among
+    ``transforms`` (a stage calls this when it is built: a missing or stale file stops the pipeline
+    before its first study)."""
+    for transform in transforms:
+        if isinstance(transform, ShippedInt8):
+            for path in weights:
+                transform.prepare(path)

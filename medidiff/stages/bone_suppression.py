@@ -68,9 +68,14 @@ class BoneSuppression:
         self.transforms = []
         if accelerate is not None:
             from medidiff.acceleration import TransformError, transforms_from_spec
+            from medidiff.acceleration.spec import prepare_shipped_int8
+            from medidiff.model_registry import resolve_model_dir
 
             try:
                 self.transforms = transforms_from_spec(accelerate)
+                if not model.startswith("models:/"):  # a registered model is fetched when first used
+                    folder = resolve_model_dir(model, default_name="bone_suppression")
+                    prepare_shipped_int8(self.transforms, [folder / "ldm.safetensors"])
             except TransformError as e:
                 raise ParameterError("accelerate", accelerate, f"transforms as in docs/acceleration.md ({e})") from None
 

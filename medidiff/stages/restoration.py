@@ -79,12 +79,25 @@ class _Restoration:
         self.transforms = []
         if accelerate is not None:
             from medidiff.acceleration import TransformError, transforms_from_spec
+            from medidiff.acceleration.spec import prepare_shipped_int8
 
             try:
                 self.transforms = transforms_from_spec(accelerate)
+                prepare_shipped_int8(self.transforms, self.weights_files(method, model))
             except TransformError as e:
                 raise ParameterError("accelerate", accelerate, f"transforms as in docs/acceleration.md ({e})") from None
         self.method, self.steps, self.model, self.seed, self.tile = method, steps, model, seed, tile
+
+    def weights_files(self, method: str, model: str) -> list[Path]:
+        """The weights files of ``method`` that this stage may load from ``model`` (one per task that has
+        the method; none for a registered model, which is fetched when first used)."""
+        from medidiff.resources import model_dir
+
+        if model.startswith("models:/"):
+            return []
+        folders = {Path(model).expanduser()} if model not in ("", "default") else {
+            model_dir(f"restoration/{task}") for task in set(self.model_tasks.values())}
+        return [folder / f"{method}.safetensors" for folder in sorted(folders) if (folder / f"{method}.json").is_file()]
 
     def shipped_models(self) -> set[str]:
         """The names of the models shipped for this stage's tasks."""
