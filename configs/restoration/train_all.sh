@@ -44,6 +44,9 @@ done
 ship ct_denoise upsr & ship ct_denoise samdiffsr & ship ct_denoise resfusion --fresh & ship ct_denoise rddm --fresh & wait
 # the small DiT (ResShift T = 15) that the transformer transforms act on (28 minutes, exported as resshift15_dit)
 ship ct_denoise dit
+# UPSR for 4x radiographs (a session later, 2026-11-27, on a faster AVX-512 CPU: 3275 steps, ResShift's
+# count, in 32 minutes), started from the final regression, which is also its uncertainty estimator
+ship xray_sr4 upsr
 # the int8 models shipped beside the regressions and CT ResShift (accelerate: {int8: {}}), made from the
 # final weights (about a minute)
 OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.acceleration.make_int8 models/restoration/{ct_denoise,mr_sr2,mr_sr4,xray_sr4}/regression \
