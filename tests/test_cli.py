@@ -182,3 +182,14 @@ def test_killed_run_resumes_without_redoing_or_losing_series(tmp_path):
     series_dirs = [p for p in out.glob("*/*") if p.is_dir()]
     assert len(series_dirs) == 6 and not list(out.rglob("*.partial*"))
     assert all(len(list((d / "dicom").glob("*.dcm"))) == 1 for d in series_dirs)
+
+
+def test_cli_lets_waiting_openmp_threads_sleep_unless_the_user_chose(monkeypatch, capsys):
+    from medidiff import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert cli.main(["stages"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set before torch loads in a fresh process
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert cli.main(["stages"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
