@@ -13,11 +13,13 @@ ship() { train "$C/$1_$2.yaml" --export "models/restoration/$1" "${@:3}"; }
 keep() { mkdir -p ~/.cache/medidiff/runs/$1_$2_$3 && cp ~/.cache/medidiff/runs/restoration_$1_$2/$2.* ~/.cache/medidiff/runs/$1_$2_$3/; }
 
 # The shipped runs, in this order (2026-11-26, one 2-core machine shared with other jobs):
-# 4x MR super-resolution: the UNet regression 45 minutes; then ResShift (T = 4) from its weights for
-# 45 minutes beside the regression resumed to 90 (the same total budget)
+# 4x MR super-resolution: the UNet regression 90 minutes (45, resumed to 90: 2734 steps); a session later
+# (2026-11-27, a faster AVX-512 CPU) ResShift (T = 4) from those weights for 1538 steps, then the regression
+# itself trained 1538 steps more (the same total budget)
 ship mr_sr4 regression
-keep mr_sr4 regression 45min
-ship mr_sr4 resshift & ship mr_sr4 regression --max-minutes 90 & wait
+ship mr_sr4 regression --max-minutes 90
+ship mr_sr4 resshift_from_final_regression
+ship mr_sr4 regression_resumed
 # 2x MR super-resolution: the same recipe at half the budget, 20 minutes then 20
 ship mr_sr2 regression
 keep mr_sr2 regression 20min
@@ -26,12 +28,15 @@ ship mr_sr2 resshift & ship mr_sr2 regression --max-minutes 40 & wait
 # T = 15's 1776 steps (first runs 30 minutes = 1360 steps, resumed to 1776 a session later; UPSR below was
 # trained against the 1360-step regression)
 ship ct_denoise resshift & ship ct_denoise regression & wait
-# 4x radiograph super-resolution: the same recipe, 15 minutes then 30 (first run beside the CT runs)
+# 4x radiograph super-resolution: the regression 75 minutes (15, resumed to 45 beside other jobs, then to
+# 75: 3546 steps); a session later (2026-11-27, a faster AVX-512 CPU) ResShift (T = 4) and UPSR from those
+# weights (UPSR's uncertainty estimator too), 3275 steps each side by side (21 and 32 minutes), then the
+# regression itself trained 3275 steps more (the same total budget for all three)
 ship xray_sr4 regression
-keep xray_sr4 regression 15min
-ship xray_sr4 resshift & ship xray_sr4 regression --max-minutes 45 & wait
-# resumed a session later (2026-11-27, the two runs alone on the machine): +30 minutes each
-ship xray_sr4 resshift --max-minutes 60 & ship xray_sr4 regression --max-minutes 75 & wait
+ship xray_sr4 regression --max-minutes 45
+ship xray_sr4 regression --max-minutes 75
+ship xray_sr4 resshift_from_final_regression & ship xray_sr4 upsr & wait
+ship xray_sr4 regression_resumed
 # the one-step student of the CT ResShift teacher (400 steps; distilled again, --fresh, from the 1776-step
 # teacher); ResShift T = 15 for the 4-vs-15-step comparison
 # (15 minutes, later resumed to 30: ship ct_denoise resshift15 --max-minutes 30)
@@ -44,9 +49,6 @@ done
 ship ct_denoise upsr & ship ct_denoise samdiffsr & ship ct_denoise resfusion --fresh & ship ct_denoise rddm --fresh & wait
 # the small DiT (ResShift T = 15) that the transformer transforms act on (28 minutes, exported as resshift15_dit)
 ship ct_denoise dit
-# UPSR for 4x radiographs (a session later, 2026-11-27, on a faster AVX-512 CPU: 3275 steps, ResShift's
-# count, in 32 minutes), started from the final regression, which is also its uncertainty estimator
-ship xray_sr4 upsr
 # the int8 models shipped beside the regressions and CT ResShift (accelerate: {int8: {}}), made from the
 # final weights (about a minute)
 OMP_NUM_THREADS=1 "$PYTHON" -m medidiff.acceleration.make_int8 models/restoration/{ct_denoise,mr_sr2,mr_sr4,xray_sr4}/regression \
