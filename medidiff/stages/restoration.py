@@ -91,12 +91,11 @@ class _Restoration:
     def weights_files(self, method: str, model: str) -> list[Path]:
         """The weights files of ``method`` that this stage may load from ``model`` (one per task that has
         the method; none for a registered model, which is fetched when first used)."""
-        from medidiff.resources import model_dir
+        from medidiff.model_registry import resolve_model_dir
 
         if model.startswith("models:/"):
             return []
-        folders = {Path(model).expanduser()} if model not in ("", "default") else {
-            model_dir(f"restoration/{task}") for task in set(self.model_tasks.values())}
+        folders = {resolve_model_dir(model, default_name=f"restoration/{task}") for task in set(self.model_tasks.values())}
         return [folder / f"{method}.safetensors" for folder in sorted(folders) if (folder / f"{method}.json").is_file()]
 
     def shipped_models(self) -> set[str]:
