@@ -123,9 +123,12 @@ def load_config(path: Path) -> dict:
 
 
 def _same_run(saved: dict, cfg: dict) -> bool:
+    """Whether ``cfg`` trains the same run as the checkpoint's ``saved`` config: the budget, the thread
+    count and the title may differ."""
     def strip(c: dict) -> dict:
         c = copy.deepcopy(c)
         c.pop("threads", None)
+        c.pop("title", None)
         for k in BUDGET_KEYS:
             c["train"].pop(k, None)
         return c

@@ -42,9 +42,9 @@ FAKE_GENERATOR = textwrap.dedent('''
 ''')
 
 
-def _config(tmp, kind, model, name=None, **train_cfg):
+def _config(tmp, kind, model, name=None, title=None, **train_cfg):
     cfg = {
-        "name": f"tiny_{kind}", "title": f"tiny {kind} test model", "kind": kind, "seed": 0, "threads": 2,
+        "name": f"tiny_{kind}", "title": title or f"tiny {kind} test model", "kind": kind, "seed": 0, "threads": 2,
         "data": {"generator": "fake_phantom", "n_train": 16, "size": 64, "cache_dir": str(tmp / "cache")},
         "model": model,
         "train": {"batch_size": 4, "lr": 3e-3, "max_steps": 4, "log_every": 1, "ema": 0.9, **train_cfg},
@@ -98,7 +98,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_models, tmp_pat
     tmp = tiny_models[0].parent
     whole = train(_config(tmp, kind, model, name=f"{kind}_whole", max_steps=6, crop=32), out_dir=tmp_path / "whole")
     train(_config(tmp, kind, model, name=f"{kind}_part", max_steps=3, crop=32), out_dir=tmp_path / "parts")
-    resumed = train(_config(tmp, kind, model, name=f"{kind}_part", max_steps=6, crop=32), out_dir=tmp_path / "parts")
+    resumed = train(_config(tmp, kind, model, name=f"{kind}_part", title="retitled", max_steps=6, crop=32),
+                    out_dir=tmp_path / "parts")  # a budget or title change resumes the run
     first = train(_config(tmp, kind, model, name=f"{kind}_part", max_steps=3, crop=32), out_dir=tmp_path / "other",
                   resume=False)
     a, b, c = load_file(whole), load_file(resumed), load_file(first)

@@ -31,7 +31,8 @@ ship ct_denoise resshift & ship ct_denoise regression & wait
 # 4x radiograph super-resolution: the regression 75 minutes (15, resumed to 45 beside other jobs, then to
 # 75: 3546 steps); a session later (2026-11-27, a faster AVX-512 CPU) ResShift (T = 4) and UPSR from those
 # weights (UPSR's uncertainty estimator too), 3275 steps each side by side (21 and 32 minutes), then the
-# regression itself trained 3275 steps more (the same total budget for all three)
+# regression itself trained 3275 steps more; a session later ResShift and the regression both resumed to
+# 6550 steps side by side (22 minutes each; the same total budget for both)
 ship xray_sr4 regression
 ship xray_sr4 regression --max-minutes 45
 ship xray_sr4 regression --max-minutes 75
