@@ -10,11 +10,13 @@ from medidiff.errors import InputError
 from medidiff.physics.degradations import (
     ParallelBeam,
     hu_to_mu,
+    kspace_consistency,
     kspace_truncation,
     low_dose_ct,
     mu_to_hu,
     radiograph_lowres,
     upsample,
+    zero_filled,
 )
 
 
@@ -67,6 +69,24 @@ def test_kspace_truncation_keeps_intensity_and_refuses_odd_sizes():
     torch.testing.assert_close(kspace_truncation(x, 4), torch.full((1, 1, 8, 12), 0.7))
     with pytest.raises(InputError, match="not divisible by the scale 4"):
         kspace_truncation(torch.zeros(1, 1, 30, 32), 4)
+
+
+@pytest.mark.parametrize(("scale", "size"), [(2, 64), (4, 64), (4, 60)])  # even and odd bands
+def test_kspace_consistency_puts_the_measured_band_back(scale, size):
+    hr = 1 + _blobs(size)  # smooth and positive: its low-resolution image is real
+    lr = kspace_truncation(hr, scale)
+    # a guess with the wrong low frequencies is made consistent with the measurement
+    guess = upsample(lr, scale) * 0.5 + torch.rand(1, 1, size, size)
+    fixed = kspace_consistency(guess, lr, scale)
+    torch.testing.assert_close(kspace_truncation(fixed, scale), lr, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kspace_consistency(fixed, lr, scale), fixed, atol=1e-5, rtol=1e-5)  # a projection
+    assert (kspace_truncation(guess, scale) - lr).abs().max() > 0.1
+    # an image that already fits the measurement keeps its values; zero-filling fills the band alone
+    torch.testing.assert_close(kspace_consistency(hr, lr, scale), hr, atol=0.02, rtol=0)
+    torch.testing.assert_close(zero_filled(lr, scale), kspace_consistency(torch.zeros_like(hr), lr, scale))
+    assert (zero_filled(lr, scale) - hr).abs().mean() < (upsample(lr, scale) - hr).abs().mean()
+    with pytest.raises(InputError, match="is not 4 x"):
+        kspace_consistency(torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 8, 8), 4)
 
 
 def test_radiograph_lowres_blur_downsample_and_noise():

@@ -26,7 +26,7 @@ from medidiff.io.headers import header_geometry
 from medidiff.io.loading import load_item
 from medidiff.io.writers import write_derived_dicom
 from medidiff.methods.restoration import Restoration
-from medidiff.physics.degradations import upsample
+from medidiff.physics.degradations import kspace_consistency, kspace_truncation, upsample
 from medidiff.pipeline import Pipeline
 from medidiff.resources import pipeline_file
 from medidiff.stages.basic import ResizeInPlane
@@ -174,8 +174,9 @@ def test_diffusion_denoising_is_seeded_per_slice_and_keeps_the_item(models, tmp_
 
 def test_mr_super_resolution_writes_the_finer_grid_over_the_same_field_of_view(models, tmp_path):
     source = series_of(get_testdata_file("MR_small.dcm"), tmp_path / "in", 2, step_mm=3.0)
-    pipeline = with_model("mr-super-resolution", "super_resolution: {method: regression, scale: 4}",
-                          f"super_resolution: {{method: regression, scale: 4, model: '{models['mr_sr4']}'}}", tmp_path)
+    pipeline = with_model("mr-super-resolution", "super_resolution: {method: regression, scale: 4, data_consistency: true}",
+                          f"super_resolution: {{method: regression, scale: 4, data_consistency: true, "
+                          f"model: '{models['mr_sr4']}'}}", tmp_path)
     for src_path, out_path in run_into(pipeline, source, tmp_path / "out"):
         src, out = pydicom.dcmread(src_path), pydicom.dcmread(out_path)
         assert (out.Rows, out.Columns) == (4 * src.Rows, 4 * src.Columns)
@@ -187,10 +188,28 @@ def test_mr_super_resolution_writes_the_finer_grid_over_the_same_field_of_view(m
         np.testing.assert_allclose(floats(out.ImagePositionPatient), expected, atol=1e-4)
         np.testing.assert_allclose(floats(out.ImageOrientationPatient), iop, atol=1e-6)
         np.testing.assert_allclose(plane_centre(out), plane_centre(src), atol=1e-4)  # the same field of view
-        # the identity regression is bicubic interpolation in the source's units, on that grid
-        bicubic = upsample(torch.as_tensor(src.pixel_array, dtype=torch.float32)[None, None], 4)[0, 0].numpy()
-        assert np.abs(out.pixel_array - bicubic).max() <= 1.0
+        # the identity regression is bicubic interpolation in the source's units, on that grid, with the
+        # source's k-space band put back
+        measured = torch.as_tensor(src.pixel_array, dtype=torch.float32)[None, None]
+        expected = kspace_consistency(upsample(measured, 4), measured, 4)[0, 0].numpy()
+        assert np.abs(out.pixel_array - expected).max() <= 1.0
         assert dciodvfy_errors(out_path) == []
+
+
+def test_data_consistency_gives_back_the_measured_mr_slice_and_refuses_radiographs(models, tmp_path):
+    mr = load_item(discover(get_testdata_file("MR_small.dcm")).series[0])
+    measured = mr["image"][0].T.float()[None, None]  # (1, 1, rows, cols), the scanner's units
+    for consistent in (False, True):
+        stage = get_stage("super_resolution").factory(method="regression", model=models["mr_sr4"],
+                                                      data_consistency=consistent)
+        out = stage(mr)["image"][0].T.float()[None, None]
+        assert out.shape[-2:] == (4 * measured.shape[-2], 4 * measured.shape[-1])
+        error = (kspace_truncation(out, 4) - measured).abs().max() / measured.abs().max()
+        # the identity regression is bicubic, whose k-space band is not the measured one; consistency puts it back
+        assert error < 1e-4 if consistent else error > 1e-2
+    dx = load_item(discover(small_dx(tmp_path / "dx")).series[0])
+    with pytest.raises(StageError, match="data_consistency applies to MR slices .* not to a xray_sr4 image"):
+        get_stage("super_resolution").factory(model=models["xray_sr4"], data_consistency=True)(dx)
 
 
 def test_an_enhanced_multiframe_image_on_a_finer_grid_keeps_every_frame_in_place(tmp_path):
@@ -250,6 +269,7 @@ def test_wrong_input_and_parameters_are_refused_with_the_fix(models, tmp_path):
     for stage, params, key in [("denoise", {"method": "magic"}, "method"), ("denoise", {"steps": 0}, "steps"),
                                ("denoise", {"method": "regression", "steps": 4}, "steps"),
                                ("super_resolution", {"scale": 3}, "scale"), ("denoise", {"tile": 8}, "tile"),
+                               ("super_resolution", {"data_consistency": "yes"}, "data_consistency"),
                                ("denoise", {"model": str(tmp_path)}, "model"),  # a folder without resshift.json
                                ("denoise", {"method": "one_step", "model": models["ct_denoise"]}, "model"),
                                ("denoise", {"method": "upsr", "model": str(tmp_path / "upsr")}, "model")]:
@@ -284,11 +304,17 @@ def test_evaluate_scores_psnr_and_ssim_against_the_input_and_bicubic_baselines(m
     assert result.baseline == "identity" and set(result.metrics) == {"psnr", "ssim", "mse"}
     for row in result.cases:  # the identity model scores exactly as the noisy input
         assert 20 < row["psnr"] < 60 and row["psnr"] == pytest.approx(row["baseline_psnr"], abs=1e-3)
-    sr = with_model("mr-super-resolution", "super_resolution: {method: regression, scale: 4}",
-                    f"super_resolution: {{method: regression, scale: 4, model: '{models['mr_sr4']}'}}", tmp_path)
-    result = evaluate(sr, "mr-sr4:test:1", baseline="default", track=False)  # the held-out shoulder MR, 128 -> 512
-    (row,) = result.cases
-    assert result.baseline == "bicubic" and row["ssim"] == pytest.approx(row["baseline_ssim"], abs=1e-4)
+    for consistent in ("false", "true"):
+        sr = with_model("mr-super-resolution", "super_resolution: {method: regression, scale: 4, data_consistency: true}",
+                        f"super_resolution: {{method: regression, scale: 4, data_consistency: {consistent}, "
+                        f"model: '{models['mr_sr4']}'}}", tmp_path)
+        result = evaluate(sr, "mr-sr4:test:1", baseline="default", track=False)  # the held-out shoulder MR, 128 -> 512
+        (row,) = result.cases
+        assert result.baseline == "bicubic"
+        if consistent == "false":  # the identity model is bicubic
+            assert row["ssim"] == pytest.approx(row["baseline_ssim"], abs=1e-4)
+        else:  # the measured k-space band put back improves on bicubic
+            assert row["psnr"] > row["baseline_psnr"] + 0.1
     with pytest.raises(InputError, match="N must be 1..2"):
         load_data("mr-sr4:test:3")
     with pytest.raises(InputError, match="keep their sizes"):

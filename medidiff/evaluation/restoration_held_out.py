@@ -26,15 +26,19 @@ from medidiff.datasets.restoration_images import held_out_names, held_out_pairs,
 from medidiff.io.atomic import atomic_write
 from medidiff.methods.restoration import Restoration, model_names
 from medidiff.metrics import psnr, ssim
-from medidiff.physics.degradations import upsample
+from medidiff.physics.degradations import kspace_consistency, upsample, zero_filled
 
-ORDER = ("input", "bicubic", "tv", "bm3d", "regression", "resshift", "resshift15", "samdiffsr", "upsr", "resfusion", "rddm",
-         "one_step")
+ORDER = ("input", "bicubic", "zero-filled", "tv", "bm3d", "regression", "resshift", "resshift15", "samdiffsr", "upsr",
+         "resfusion", "rddm", "one_step")
 CURVE_STEPS = (1, 2, 3, 5, 10)
 
 
 def baselines(task: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The simple baselines of ``task``: degraded image -> estimate (model units)."""
+    if task.startswith("mr"):  # k-space truncation: zero-filling is the classical MR baseline
+        s = scale(task)
+        return {"bicubic": lambda lr: upsample(lr, s), "zero-filled": lambda lr: zero_filled(lr, s),
+                "bicubic+dc": lambda lr: kspace_consistency(upsample(lr, s), lr, s)}
     if scale(task) > 1:
         return {"bicubic": lambda lr: upsample(lr, scale(task))}
     from medidiff.methods.classical_restoration import bm3d_denoise, tv_denoise
@@ -71,6 +75,9 @@ def evaluate(task: str, folder: Path, steps_curve: bool = False) -> list[dict]:
         rows.append(score(stem, lambda lr, m=method: m.restore(lr), pairs))
         if "boundary" in method.config:  # ResShift's ODE sampler from its optimal boundary condition
             rows.append(score(f"{stem}+ode", lambda lr, m=method: m.restore(lr, boundary="optimal"), pairs))
+        if task.startswith("mr"):  # the measured k-space band put back into the output
+            rows.append(score(f"{stem}+dc", lambda lr, m=method: kspace_consistency(m.restore(lr), lr, scale(task)),
+                              pairs))
         if shipped_file(method.model_fn.weights_file).is_file():  # the int8 model shipped beside it
             with applied(method.model_fn, ShippedInt8()):
                 rows.append(score(f"{stem}+int8", lambda lr, m=method: m.restore(lr), pairs))
@@ -88,7 +95,8 @@ def markdown(task: str, rows: list[dict], names: list[str]) -> str:
              f"Images: {'; '.join(names)}. PSNR (dB, model units, data range 1) / SSIM, mean over the images; "
              "CPU seconds per image on one thread. `name@k`: sampled with k steps; `name+ode`: "
              "the deterministic (ODE) sampler from the model's optimal boundary condition; `name+int8`: its shipped "
-             "int8 model (`accelerate: {int8: {}}`).\n",
+             "int8 model (`accelerate: {int8: {}}`); `name+dc`: its output with the measured k-space band put back "
+             "(MR, `kspace_consistency`); `zero-filled`: zero-filled k-space interpolation.\n",
              "| method | PSNR | SSIM | s / image |", "|---|---|---|---|"]
     for r in rows:
         p = f"**{r['psnr']:.2f}**" if r["psnr"] == best else f"{r['psnr']:.2f}"

@@ -51,6 +51,21 @@ def upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- MR
 
 
+def _band(hi_shape: tuple[int, int], lo_shape: tuple[int, int], scale: int) -> tuple[torch.Tensor, slice, slice]:
+    """The half-pixel phase ramp of the high-resolution k-space and the rows / columns of its central band
+    that a ``lo_shape`` image measures (module convention: each low-resolution pixel at the centre of the
+    high-resolution pixels it covers)."""
+    (h_hi, w_hi), (h, w) = hi_shape, lo_shape
+    # in high-resolution pixels: the low-res origin pixel (index n // 2 of a centred FFT) covers
+    # high-res pixels [scale (n // 2), scale (n // 2 + 1)); the high-res origin is N // 2
+    shift_y, shift_x = (scale * (n // 2) + (scale - 1) / 2 - n_hi // 2 for n, n_hi in ((h, h_hi), (w, w_hi)))
+    ky = torch.arange(h_hi, dtype=torch.float64) - h_hi // 2
+    kx = torch.arange(w_hi, dtype=torch.float64) - w_hi // 2
+    ramp = torch.exp(2j * math.pi * (shift_y * ky[:, None] / h_hi + shift_x * kx[None, :] / w_hi)).to(torch.complex64)
+    top, left = h_hi // 2 - h // 2, w_hi // 2 - w // 2
+    return ramp, slice(top, top + h), slice(left, left + w)
+
+
 def kspace_truncation(x: torch.Tensor, scale: int) -> torch.Tensor:
     """MR acquired at a ``scale`` x coarser matrix over the same field of view: the central
     1 / ``scale`` of centred k-space, inverse-transformed at the smaller matrix, magnitude.
@@ -62,16 +77,44 @@ def kspace_truncation(x: torch.Tensor, scale: int) -> torch.Tensor:
     _check_scale(x, scale)
     if scale == 1:
         return x.clone()
-    (h_hi, w_hi), (h, w) = x.shape[-2:], (x.shape[-2] // scale, x.shape[-1] // scale)
-    # in high-resolution pixels: the low-res origin pixel (index n // 2 of a centred FFT) covers
-    # high-res pixels [scale (n // 2), scale (n // 2 + 1)); the high-res origin is N // 2
-    shift_y, shift_x = (scale * (n // 2) + (scale - 1) / 2 - n_hi // 2 for n, n_hi in ((h, h_hi), (w, w_hi)))
-    ky = torch.arange(h_hi, dtype=torch.float64) - h_hi // 2
-    kx = torch.arange(w_hi, dtype=torch.float64) - w_hi // 2
-    ramp = torch.exp(2j * math.pi * (shift_y * ky[:, None] / h_hi + shift_x * kx[None, :] / w_hi)).to(torch.complex64)
+    ramp, rows, cols = _band(x.shape[-2:], (x.shape[-2] // scale, x.shape[-1] // scale), scale)
     k = fft2c(x.to(torch.complex64)) * ramp
-    top, left = h_hi // 2 - h // 2, w_hi // 2 - w // 2
-    return (ifft2c(k[..., top:top + h, left:left + w]).abs() / scale).to(x.dtype)
+    return (ifft2c(k[..., rows, cols]).abs() / scale).to(x.dtype)
+
+
+def _mirror(k: torch.Tensor) -> torch.Tensor:
+    """Each centred k-space sample moved to the frequency of opposite sign (conjugated if complex): a
+    real image's spectrum equals its own mirror."""
+    for dim in (-2, -1):
+        k = torch.flip(k, [dim])
+        if k.shape[dim] % 2 == 0:  # the centre is at n / 2: -n/2 has no partner inside, n/2 wraps to it
+            k = torch.roll(k, 1, dim)
+    return k.conj() if k.is_complex() else k
+
+
+def kspace_consistency(x: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """``x`` (N, 1, H, W) with the central k-space band that ``lr`` (N, 1, H / scale, W / scale) measured
+    replaced by ``lr``'s own: the data-consistency step of k-space super-resolution. It undoes
+    :func:`kspace_truncation` on that band (exactly where the low-resolution image is real and non-negative,
+    as a magnitude image of a real object is) and keeps the result real (an even-sized band's unpaired
+    edge sets its mirror frequencies too). ``x = 0`` gives zero-filled interpolation."""
+    _check_image(x, "kspace_consistency")
+    _check_image(lr, "kspace_consistency")
+    if x.shape[-2:] != (lr.shape[-2] * scale, lr.shape[-1] * scale):
+        raise InputError(f"kspace_consistency: {tuple(x.shape[-2:])} is not {scale} x {tuple(lr.shape[-2:])}")
+    ramp, rows, cols = _band(x.shape[-2:], lr.shape[-2:], scale)
+    measured = torch.zeros(x.shape, dtype=torch.complex64)
+    inside = torch.zeros(x.shape[-2:], dtype=torch.bool)
+    measured[..., rows, cols] = fft2c(lr.to(torch.complex64) * scale) / ramp[rows, cols]
+    inside[rows, cols] = True
+    measured, inside = torch.where(inside, measured, _mirror(measured)), inside | _mirror(inside)
+    return ifft2c(torch.where(inside, measured, fft2c(x.to(torch.complex64)))).real.to(x.dtype)
+
+
+def zero_filled(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """Zero-filled k-space interpolation of ``lr`` onto the ``scale`` x finer grid (the classical MR
+    super-resolution baseline)."""
+    return kspace_consistency(lr.new_zeros(*lr.shape[:-2], lr.shape[-2] * scale, lr.shape[-1] * scale), lr, scale)
 
 
 # ---------------------------------------------------------------------------------- radiographs

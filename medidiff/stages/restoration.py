@@ -179,11 +179,16 @@ class _Restoration:
                 plane = volume[0, :, :, k].T.float()[None, None]  # (1, 1, rows, cols)
                 padding = plane < PADDING_HU if hounsfield else torch.zeros_like(plane, dtype=torch.bool)
                 units, back = normalise(torch.where(padding, AIR_HU, plane), intensity)
-                result = back(net.restore(units, steps=self.steps, seed=self.seed + k, tile=self.tile))
+                result = back(self.finish(net, units, net.restore(units, steps=self.steps, seed=self.seed + k,
+                                                                  tile=self.tile)))
                 if self.scale == 1:
                     result = torch.where(padding, plane, result)
                 out[0, :, :, k] = result[0, 0].T
         return out
+
+    def finish(self, net, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        """The last step on a restored slice, in model units (here none)."""
+        return restored
 
     def output_meta(self, meta: dict, shape: tuple[int, ...]) -> dict:
         """The image metadata of the output grid (denoising: unchanged)."""
@@ -222,7 +227,8 @@ class SuperResolution(_Restoration):
     divided by ``scale``, position moved so the image covers the same field of view.
 
     ``method``, ``steps``, ``model``, ``seed``, ``tile``, ``accelerate``: as for ``denoise``; ``scale``: 2 or 4 (the shipped
-    models: MR 2x and 4x, radiographs 4x).
+    models: MR 2x and 4x, radiographs 4x); ``data_consistency``: MR only, put the k-space band that the input
+    slice measured back into the result (``medidiff.physics.degradations.kspace_consistency``).
     """
 
     task = "super_resolution"  # evaluation metrics and baseline (bicubic): medidiff.evaluation.tasks
@@ -231,12 +237,25 @@ class SuperResolution(_Restoration):
     refusal_hint = "CT series are denoised (the denoise stage, pipeline ct-denoising), not super-resolved"
 
     def __init__(self, method: str = "resshift", scale: int = 4, steps: int | None = None, model: str = "default",
-                 seed: int = 0, tile: int = 512, accelerate: dict | None = None):
+                 seed: int = 0, tile: int = 512, accelerate: dict | None = None, data_consistency: bool = False):
         if scale not in (2, 4):
             raise ParameterError("scale", scale, "2 or 4")
-        self.scale = scale
+        if not isinstance(data_consistency, bool):
+            raise ParameterError("data_consistency", data_consistency, "true or false")
+        self.scale, self.data_consistency = scale, data_consistency
         self.model_tasks = {"MR": f"mr_sr{scale}", "CR": f"xray_sr{scale}", "DX": f"xray_sr{scale}"}
         super().__init__(method, steps, model, seed, tile, accelerate)
+
+    def finish(self, net, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        """With ``data_consistency``, the restored MR slice with the input's k-space band put back."""
+        if not self.data_consistency:
+            return restored
+        if not net.config["task"].startswith("mr"):
+            raise StageError(f"{self.name}: data_consistency applies to MR slices (measured in k-space), not to a "
+                             f"{net.config['task']} image; remove it from this stage or select MR series only")
+        from medidiff.physics.degradations import kspace_consistency
+
+        return kspace_consistency(restored, degraded, self.scale)
 
     @property
     def size_hint(self) -> str:
