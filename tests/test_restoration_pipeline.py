@@ -208,7 +208,7 @@ def test_data_consistency_gives_back_the_measured_mr_slice_and_refuses_radiograp
         # the identity regression is bicubic, whose k-space band is not the measured one; consistency puts it back
         assert error < 1e-4 if consistent else error > 1e-2
     dx = load_item(discover(small_dx(tmp_path / "dx")).series[0])
-    with pytest.raises(StageError, match="data_consistency applies to MR slices .* not to a xray_sr4 image"):
+    with pytest.raises(StageError, match="data_consistency applies to MR slices .* not to a DX image"):
         get_stage("super_resolution").factory(model=models["xray_sr4"], data_consistency=True)(dx)
 
 

@@ -84,6 +84,12 @@ def scale(task: str) -> int:
     return _check_task(task)
 
 
+def is_mr(task: str) -> bool:
+    """Whether ``task`` is MR super-resolution, whose low-resolution images are k-space truncations."""
+    _check_task(task)
+    return task.startswith("mr")
+
+
 def intensity(task: str) -> dict:
     """How images map to model units: ``{"kind": "hu", ...}`` (CT numbers, fixed) or
     ``{"kind": "percentile", ...}`` (the image's own percentiles)."""
@@ -217,7 +223,7 @@ def _xray_training_images() -> list[torch.Tensor]:
 def _sr_training(task: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """High- and low-resolution training images of an SR task (degraded once per process)."""
     s = TASKS[task]
-    if task.startswith("mr"):
+    if is_mr(task):
         from medidiff.datasets.cs_images import training_images
 
         high = [_divisible(img, s) for img in training_images()]
@@ -275,7 +281,7 @@ def held_out_names(task: str) -> list[str]:
     _check_task(task)
     if task == "ct_denoise":
         return [name for name, _ in HELD_OUT_CT]
-    if task.startswith("mr"):
+    if is_mr(task):
         return [name for name, _, _ in HELD_OUT_MR]
     return [name for name, _ in HELD_OUT_CR] + [f"chest DRR at held-out pose (seed {s})" for s in HELD_OUT_DRR_SEEDS]
 
@@ -308,7 +314,7 @@ def held_out_pairs(task: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
             noisy = low_dose_ct(hu, pixel_mm, DEFAULT_PHOTONS, torch.Generator().manual_seed(i))
             pairs.append((name, hu_to_units(hu), hu_to_units(noisy)))
         return pairs
-    if task.startswith("mr"):
+    if is_mr(task):
         images = [_dicom(f)[0] if crop is None else _centre(_dicom(f)[0], crop) for _, f, crop in HELD_OUT_MR]
     else:
         images = [_downsized(_dicom(f)[0], XRAY_MAX_SIDE) for _, f in HELD_OUT_CR]
@@ -316,7 +322,7 @@ def held_out_pairs(task: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     pairs = []
     for i, (name, image) in enumerate(zip(names, images, strict=True)):
         clean = _divisible(percentile_units(image), s)[None, None]
-        if task.startswith("mr"):
+        if is_mr(task):
             degraded = kspace_truncation(clean, s)
         else:
             degraded = radiograph_lowres(clean, s, RADIOGRAPH_BLUR, RADIOGRAPH_NOISE, torch.Generator().manual_seed(i))

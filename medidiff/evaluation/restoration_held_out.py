@@ -22,7 +22,7 @@ import torch
 
 from medidiff.acceleration import ShippedInt8, applied
 from medidiff.acceleration.int8 import shipped_file
-from medidiff.datasets.restoration_images import held_out_names, held_out_pairs, scale
+from medidiff.datasets.restoration_images import held_out_names, held_out_pairs, is_mr, scale
 from medidiff.io.atomic import atomic_write
 from medidiff.methods.restoration import Restoration, model_names
 from medidiff.metrics import psnr, ssim
@@ -35,7 +35,7 @@ CURVE_STEPS = (1, 2, 3, 5, 10)
 
 def baselines(task: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The simple baselines of ``task``: degraded image -> estimate (model units)."""
-    if task.startswith("mr"):  # k-space truncation: zero-filling is the classical MR baseline
+    if is_mr(task):  # k-space truncation: zero-filling is the classical MR baseline
         s = scale(task)
         return {"bicubic": lambda lr: upsample(lr, s), "zero-filled": lambda lr: zero_filled(lr, s),
                 "bicubic+dc": lambda lr: kspace_consistency(upsample(lr, s), lr, s)}
@@ -75,7 +75,7 @@ def evaluate(task: str, folder: Path, steps_curve: bool = False) -> list[dict]:
         rows.append(score(stem, lambda lr, m=method: m.restore(lr), pairs))
         if "boundary" in method.config:  # ResShift's ODE sampler from its optimal boundary condition
             rows.append(score(f"{stem}+ode", lambda lr, m=method: m.restore(lr, boundary="optimal"), pairs))
-        if task.startswith("mr"):  # the measured k-space band put back into the output
+        if is_mr(task):  # the measured k-space band put back into the output
             rows.append(score(f"{stem}+dc", lambda lr, m=method: kspace_consistency(m.restore(lr), lr, scale(task)),
                               pairs))
         if shipped_file(method.model_fn.weights_file).is_file():  # the int8 model shipped beside it

@@ -246,13 +246,17 @@ class SuperResolution(_Restoration):
         self.model_tasks = {"MR": f"mr_sr{scale}", "CR": f"xray_sr{scale}", "DX": f"xray_sr{scale}"}
         super().__init__(method, steps, model, seed, tile, accelerate)
 
+    def check_model(self, net, modality: str) -> None:
+        """As for every restoration stage, and StageError when ``data_consistency`` meets a non-MR image."""
+        super().check_model(net, modality)
+        if self.data_consistency and modality != "MR":
+            raise StageError(f"{self.name}: data_consistency applies to MR slices (measured in k-space), not to a "
+                             f"{modality} image; remove it from this stage or select MR series only")
+
     def finish(self, net, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """With ``data_consistency``, the restored MR slice with the input's k-space band put back."""
         if not self.data_consistency:
             return restored
-        if not net.config["task"].startswith("mr"):
-            raise StageError(f"{self.name}: data_consistency applies to MR slices (measured in k-space), not to a "
-                             f"{net.config['task']} image; remove it from this stage or select MR series only")
         from medidiff.physics.degradations import kspace_consistency
 
         return kspace_consistency(restored, degraded, self.scale)
