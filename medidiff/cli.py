@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                           "ct-denoise:test:N, mr-sr2:test:N, mr-sr4:test:N, xray-sr4:test:N, or a folder of DICOM "
                           "studies with a reference/ subfolder")
     evaluate.add_argument("--baseline", help="a pipeline to compare with (paired test), 'identity' (the input), "
-                          "'bicubic' (the input resampled to the reference grid) or 'default' (the task's own)")
+                          "'bicubic' (the input resampled to the reference grid), 'zero-filled' (MR: zero-filled k-space "
+                          "interpolation onto the reference grid) or 'default' (the task's own)")
     evaluate.add_argument("--experiment", default="medidiff-evaluation", help="MLflow experiment name")
     evaluate.add_argument("--cases", type=_positive_int, default=None, help="evaluate only the first N cases")
     evaluate.add_argument("--no-tracking", action="store_true", help="compute and print only; log nothing")

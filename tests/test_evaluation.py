@@ -276,6 +276,22 @@ def test_bicubic_baseline_resamples_2d_and_3d_onto_the_reference_grid():
     assert bicubic({"image": volume, "reference": torch.zeros(1, 16, 12, 8)})["image"].shape == (1, 16, 12, 8)
 
 
+def test_zero_filled_baseline_interpolates_each_slice_in_k_space():
+    from medidiff.evaluation.tasks import zero_filled
+    from medidiff.physics.degradations import kspace_truncation
+
+    slices = 0.5 + torch.rand(3, 1, 8, 6)  # positive low-resolution slices
+    volume = zero_filled({"image": slices[:, 0].permute(1, 2, 0)[None], "reference": torch.zeros(1, 16, 12, 3)})["image"]
+    assert volume.shape == (1, 16, 12, 3)
+    for k in range(3):  # each output slice gives its own input slice back, and a 2-D item the same slice
+        plane = volume[0, :, :, k][None, None]
+        torch.testing.assert_close(kspace_truncation(plane, 2), slices[k:k + 1], atol=1e-4, rtol=1e-4)
+        alone = zero_filled({"image": slices[k], "reference": torch.zeros(1, 16, 12)})["image"]
+        torch.testing.assert_close(alone[0], volume[0, :, :, k], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="not the reference .* use the 'bicubic' baseline"):
+        zero_filled({"image": slices[0], "reference": torch.zeros(1, 16, 13)})
+
+
 @pytest.fixture()
 def noisy_spec(monkeypatch) -> str:
     """``noisy:N``: :func:`phantom_data` as a data spec the CLI accepts."""

@@ -184,7 +184,7 @@ def load_baseline(
     baseline: str | Pipeline | None, task: Task | None = None
 ) -> tuple[str | None, Callable[[dict], dict] | None]:
     """(name, item -> item) for a baseline: a name in ``evaluation.tasks.BASELINES`` (``identity``,
-    ``bicubic``), ``"default"`` (the task's own), a pipeline (file, name or object), or None."""
+    ``bicubic``, ``zero-filled``), ``"default"`` (the task's own), a pipeline (file, name or object), or None."""
     if baseline is None:
         return None, None
     if baseline == DEFAULT_BASELINE:
@@ -274,9 +274,9 @@ def evaluate(
     """Evaluate ``pipeline`` on ``data`` (a spec or :class:`EvaluationData`) and log one MLflow run.
 
     ``baseline`` is another pipeline (file, name or object), a named baseline (``"identity"``: the input
-    image itself; ``"bicubic"``: the input resampled to the reference grid) or ``"default"`` (the
-    task's own). ``track=False`` computes everything without MLflow. The results (per-case table,
-    summary, panels) are also saved in ``output`` (default when tracking: ``evaluations/<name>-<time>/``),
+    image itself; ``"bicubic"``: the input resampled to the reference grid; ``"zero-filled"``: MR's k-space
+    interpolation onto it) or ``"default"`` (the task's own). ``track=False`` computes everything without
+    MLflow. The results (per-case table, summary, panels) are also saved in ``output`` (default when tracking: ``evaluations/<name>-<time>/``),
     so they survive a tracking server that fails mid-run (``result.tracking_error`` says why).
     The tracking server is checked before any work; models are resolved once, up front.
     """

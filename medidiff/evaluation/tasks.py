@@ -7,8 +7,9 @@ methods add theirs with :func:`register_task`; a pipeline without a registered t
 :data:`GENERIC` (plus NMSE on MR).
 
 Baselines are ``item -> item`` functions applied to the unprocessed input: ``identity`` (the input as
-is; its shape must match the reference's) and ``bicubic`` (the input resampled to the reference's
-grid, the usual super-resolution baseline).
+is; its shape must match the reference's), ``bicubic`` (the input resampled to the reference's
+grid, the usual super-resolution baseline) and ``zero-filled`` (zero-filled k-space interpolation onto
+the reference's grid, the classical MR super-resolution baseline).
 """
 
 from __future__ import annotations
@@ -74,7 +75,22 @@ def bicubic(item: dict) -> dict:
     return item | {"image": resample_to(item["image"], tuple(item["reference"].shape))}
 
 
-BASELINES: dict[str, Callable[[dict], dict]] = {"identity": identity, "bicubic": bicubic}
+def zero_filled(item: dict) -> dict:
+    """The input put on the reference's in-plane grid by zero-filled k-space interpolation (2-D slices, an
+    integer scale); InputError for any other pair of shapes."""
+    from medidiff.physics.degradations import zero_filled as interpolate
+
+    image, reference = torch.as_tensor(item["image"]).float(), item["reference"]
+    grown = [r // i if i and r % i == 0 else 0 for i, r in zip(image.shape[1:3], reference.shape[1:3], strict=True)]
+    if image.shape[0] != 1 or image.shape[3:] != reference.shape[3:] or len(set(grown)) != 1 or grown[0] < 1:
+        raise InputError(f"baseline zero-filled: the input {tuple(image.shape)} is not the reference "
+                         f"{tuple(reference.shape)} shrunk in-plane by an integer factor; use the 'bicubic' baseline")
+    planes = image.movedim(0, -1).reshape(*image.shape[1:3], -1).permute(2, 0, 1)[:, None]  # (slices, 1, cols, rows)
+    out = interpolate(planes, grown[0])[:, 0].permute(1, 2, 0).reshape(*reference.shape[1:3], *image.shape[3:])
+    return item | {"image": out[None]}
+
+
+BASELINES: dict[str, Callable[[dict], dict]] = {"identity": identity, "bicubic": bicubic, "zero-filled": zero_filled}
 
 register_task(Task("bone_suppression", ("bsr", "psnr", "ssim", "mse")))
 register_task(Task("super_resolution", ("psnr", "ssim", "mse"), baseline="bicubic"))
