@@ -276,8 +276,9 @@ def evaluate(
     ``baseline`` is another pipeline (file, name or object), a named baseline (``"identity"``: the input
     image itself; ``"bicubic"``: the input resampled to the reference grid; ``"zero-filled"``: MR's k-space
     interpolation onto it) or ``"default"`` (the task's own). ``track=False`` computes everything without
-    MLflow. The results (per-case table, summary, panels) are also saved in ``output`` (default when tracking: ``evaluations/<name>-<time>/``),
-    so they survive a tracking server that fails mid-run (``result.tracking_error`` says why).
+    MLflow. The results (per-case table, summary, panels) are also saved in ``output`` (default when
+    tracking: ``evaluations/<name>-<time>/``), so they survive a tracking server that fails mid-run
+    (``result.tracking_error`` says why).
     The tracking server is checked before any work; models are resolved once, up front.
     """
     from medidiff import tracking
