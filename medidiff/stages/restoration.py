@@ -179,14 +179,13 @@ class _Restoration:
                 plane = volume[0, :, :, k].T.float()[None, None]  # (1, 1, rows, cols)
                 padding = plane < PADDING_HU if hounsfield else torch.zeros_like(plane, dtype=torch.bool)
                 units, back = normalise(torch.where(padding, AIR_HU, plane), intensity)
-                result = back(self.finish(net, units, net.restore(units, steps=self.steps, seed=self.seed + k,
-                                                                  tile=self.tile)))
+                result = back(self.finish(units, net.restore(units, steps=self.steps, seed=self.seed + k, tile=self.tile)))
                 if self.scale == 1:
                     result = torch.where(padding, plane, result)
                 out[0, :, :, k] = result[0, 0].T
         return out
 
-    def finish(self, net, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    def finish(self, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """The last step on a restored slice, in model units (here none)."""
         return restored
 
@@ -253,7 +252,7 @@ class SuperResolution(_Restoration):
             raise StageError(f"{self.name}: data_consistency applies to MR slices (measured in k-space), not to a "
                              f"{modality} image; remove it from this stage or select MR series only")
 
-    def finish(self, net, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    def finish(self, degraded: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         """With ``data_consistency``, the restored MR slice with the input's k-space band put back."""
         if not self.data_consistency:
             return restored
